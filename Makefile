@@ -1,0 +1,76 @@
+# Omnistock developer commands. `make run` and `make test` bootstrap everything
+# they need (virtualenv, dependencies, generated code) from the project's files.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+GEN    := gen
+PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install gen run test test-unit test-integration lint typecheck buf-lint check bench audit clean distclean
+
+help: ## Show the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(STAMP) ## Create the virtualenv and install the project with its dependencies.
+
+# One target generates messages, gRPC stubs and typing stubs for every package
+# into gen/, importable as omni.<ctx>.v1.<file>_pb2. Never edit gen/ by hand.
+$(GEN)/.stamp: $(STAMP) $(PROTOS)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -I protos \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+		--python_out=$(GEN) --grpc_python_out=$(GEN) \
+		--mypy_out=$(GEN) --mypy_grpc_out=$(GEN) \
+		$(PROTOS)
+	find $(GEN)/omni -type d -exec sh -c 'printf "\"\"\"Generated from protos/ by make gen.\"\"\"\n" > "$$1/__init__.py"' _ {} \;
+	@touch $@
+
+gen: $(GEN)/.stamp ## Generate Python code from protos/.
+
+run: gen ## Install, start embedded PostgreSQL + NATS (or use OMNI_DATABASE_URL / OMNI_NATS_URL) and every service.
+	$(BIN)/omni dev run
+
+test: gen ## Run the whole test suite (starts its own PostgreSQL and nats-server).
+	$(BIN)/pytest
+
+test-unit: gen ## Run the unit tests only (no I/O).
+	$(BIN)/pytest tests/unit
+
+test-integration: gen ## Run the integration and end-to-end tests.
+	$(BIN)/pytest tests/integration tests/e2e
+
+lint: gen ## Lint Python (ruff) and the SQL migrations (squawk).
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/squawk --config=.squawk.toml $$(find services -path '*/migrations/*.sql') libs/omnistock/migrations/*.sql
+
+typecheck: gen ## Type-check hand-written code with mypy --strict.
+	$(BIN)/mypy
+
+buf-lint: $(STAMP) ## Lint the protobuf contract with buf (STANDARD + COMMENTS).
+	cd protos && ../$(BIN)/buf lint
+
+check: lint typecheck buf-lint test ## Everything CI runs.
+
+bench: gen ## Benchmark the ledger's PostMovements against raw SQL and no-op gRPC baselines.
+	$(PY) -m benchmarks.ledger_post_movements
+
+audit: gen ## Prove that on-hand equals the sum of movements (needs OMNI_DATABASE_URL or a running `make run`).
+	$(BIN)/omni ledger audit
+
+clean: ## Remove generated code and caches (keeps the dev stack's data).
+	rm -rf $(GEN) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+distclean: clean ## Also remove the virtualenv and the dev stack's data.
+	rm -rf $(VENV) .omni

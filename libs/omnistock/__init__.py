@@ -1,0 +1,1 @@
+"""Shared runtime of the Omnistock services: settings, database, messaging, gRPC, metrics."""

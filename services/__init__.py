@@ -1,0 +1,1 @@
+"""The Omnistock services, one package per bounded context."""
