@@ -1,0 +1,102 @@
+"""The one mapping of domain errors to gRPC statuses with ``google.rpc`` details.
+
+Every error carries one ``google.rpc.ErrorInfo`` (AIP-193: an UPPER_SNAKE
+``reason``, the ``omnistock.io`` domain and metadata naming the facts); bad
+requests also carry a ``google.rpc.BadRequest`` listing every offending field.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from omnistock.errors import (
+    ERROR_DOMAIN,
+    Aborted,
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+
+_CODES: list[tuple[type[DomainError], int]] = [
+    (InvalidArgument, code_pb2.INVALID_ARGUMENT),
+    (NotFound, code_pb2.NOT_FOUND),
+    (AlreadyExists, code_pb2.ALREADY_EXISTS),
+    (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
+    (PermissionDenied, code_pb2.PERMISSION_DENIED),
+    (Aborted, code_pb2.ABORTED),
+]
+
+
+def to_status(error: DomainError) -> grpc.Status:
+    """The rich gRPC status for ``error``."""
+    code = next((c for cls, c in _CODES if isinstance(error, cls)), code_pb2.INTERNAL)
+    details: list[any_pb2.Any] = []
+    info = any_pb2.Any()
+    info.Pack(
+        error_details_pb2.ErrorInfo(
+            reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+        )
+    )
+    details.append(info)
+    if isinstance(error, InvalidArgument) and error.violations:
+        bad_request = any_pb2.Any()
+        bad_request.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in error.violations
+                ]
+            )
+        )
+        details.append(bad_request)
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code, message=error.message, details=details)
+    )
+    return status
+
+
+def internal_status(message: str = "Internal error; it has been logged.") -> grpc.Status:
+    """A status for an unexpected failure, without leaking internals to the caller."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN))
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.INTERNAL, message=message, details=[info])
+    )
+    return status
+
+
+def error_info(call_error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ``ErrorInfo`` detail of a failed client call, if the server sent one."""
+    for detail in _details(call_error):
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def bad_request(call_error: grpc.aio.AioRpcError) -> error_details_pb2.BadRequest | None:
+    """The ``BadRequest`` detail of a failed client call, if the server sent one."""
+    for detail in _details(call_error):
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            found = error_details_pb2.BadRequest()
+            detail.Unpack(found)
+            return found
+    return None
+
+
+def _details(call_error: grpc.aio.AioRpcError) -> list[any_pb2.Any]:
+    # grpcio-status only ships a sync helper (its async one is experimental):
+    # the rich status rides in the trailing metadata under grpc-status-details-bin.
+    for key, value in call_error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            return list(status_pb2.Status.FromString(value).details)
+    return []

@@ -1,0 +1,182 @@
+"""Server interceptors: metrics, correlation-scoped logs, and error mapping.
+
+Order (outermost first): metrics see the final status code of every call;
+correlation binds the caller's ``x-correlation-id`` (or a new one) for logs and
+events; errors turn domain exceptions into rich statuses in one place.
+Streaming responses are wrapped, never awaited whole.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc_interceptor.server import AsyncServerInterceptor
+
+from omnistock import metrics
+from omnistock.errors import DomainError
+from omnistock.grpc import Context
+from omnistock.grpc.errors import internal_status, to_status
+from omnistock.logs import correlation_scope, get_logger
+
+log = get_logger(__name__)
+
+CORRELATION_HEADER = "x-correlation-id"
+
+
+def _split(method_name: str) -> tuple[str, str]:
+    _, service, method = method_name.split("/")
+    return service, method
+
+
+def _code_name(context: Context, failed: bool) -> str:
+    code = context.code()
+    if code is None:
+        return "UNKNOWN" if failed else "OK"
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    return grpc.StatusCode(code).name if not isinstance(code, int) else _from_int(code)
+
+
+def _from_int(value: int) -> str:
+    for status in grpc.StatusCode:
+        if status.value[0] == value:
+            return str(status.name)
+    return "UNKNOWN"
+
+
+class MetricsInterceptor(AsyncServerInterceptor):
+    """Counts and times every RPC with the conventional ``grpc_server_*`` metrics."""
+
+    async def intercept(
+        self,
+        method: Callable[..., Any],
+        request_or_iterator: Any,
+        context: Context,
+        method_name: str,
+    ) -> Any:
+        service, rpc = _split(method_name)
+        started = time.perf_counter()
+        response = method(request_or_iterator, context)
+        if hasattr(response, "__aiter__"):
+            return self._stream(response, context, service, rpc, started)
+        grpc_type = "unary"
+        metrics.GRPC_STARTED.labels(grpc_type, service, rpc).inc()
+        failed = False
+        try:
+            return await response
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            self._done(context, grpc_type, service, rpc, started, failed)
+
+    async def _stream(
+        self,
+        response: AsyncIterator[Any],
+        context: Context,
+        service: str,
+        rpc: str,
+        started: float,
+    ) -> AsyncIterator[Any]:
+        grpc_type = "server_stream"
+        metrics.GRPC_STARTED.labels(grpc_type, service, rpc).inc()
+        sent = metrics.GRPC_MSG_SENT.labels(grpc_type, service, rpc)
+        failed = False
+        try:
+            async for item in response:
+                sent.inc()
+                yield item
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            self._done(context, grpc_type, service, rpc, started, failed)
+
+    @staticmethod
+    def _done(
+        context: Context,
+        grpc_type: str,
+        service: str,
+        rpc: str,
+        started: float,
+        failed: bool,
+    ) -> None:
+        metrics.GRPC_HANDLED.labels(grpc_type, service, rpc, _code_name(context, failed)).inc()
+        metrics.GRPC_HANDLING_SECONDS.labels(grpc_type, service, rpc).observe(
+            time.perf_counter() - started
+        )
+
+
+class CorrelationInterceptor(AsyncServerInterceptor):
+    """Binds the caller's correlation id (or a fresh one) and echoes it back."""
+
+    async def intercept(
+        self,
+        method: Callable[..., Any],
+        request_or_iterator: Any,
+        context: Context,
+        method_name: str,
+    ) -> Any:
+        incoming = dict(context.invocation_metadata() or ()).get(CORRELATION_HEADER)
+        correlation_id = str(incoming) if incoming else None
+        response = method(request_or_iterator, context)
+        if hasattr(response, "__aiter__"):
+            return self._stream(response, context, correlation_id)
+        with correlation_scope(correlation_id) as bound:
+            await context.send_initial_metadata(((CORRELATION_HEADER, bound),))
+            return await response
+
+    @staticmethod
+    async def _stream(
+        response: AsyncIterator[Any], context: Context, correlation_id: str | None
+    ) -> AsyncIterator[Any]:
+        with correlation_scope(correlation_id) as bound:
+            await context.send_initial_metadata(((CORRELATION_HEADER, bound),))
+            async for item in response:
+                yield item
+
+
+class ErrorInterceptor(AsyncServerInterceptor):
+    """Turns domain errors into rich statuses; logs and hides unexpected ones."""
+
+    async def intercept(
+        self,
+        method: Callable[..., Any],
+        request_or_iterator: Any,
+        context: Context,
+        method_name: str,
+    ) -> Any:
+        response = method(request_or_iterator, context)
+        if hasattr(response, "__aiter__"):
+            return self._stream(response, context, method_name)
+        try:
+            return await response
+        except DomainError as error:
+            await self._abort(context, method_name, error)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("grpc.unexpected_error", method=method_name)
+            await context.abort_with_status(internal_status())
+
+    async def _stream(
+        self, response: AsyncIterator[Any], context: Context, method_name: str
+    ) -> AsyncIterator[Any]:
+        try:
+            async for item in response:
+                yield item
+        except DomainError as error:
+            await self._abort(context, method_name, error)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("grpc.unexpected_error", method=method_name)
+            await context.abort_with_status(internal_status())
+
+    @staticmethod
+    async def _abort(context: Context, method_name: str, error: DomainError) -> None:
+        log.info("grpc.rejected", method=method_name, reason=error.reason, message=error.message)
+        await context.abort_with_status(to_status(error))

@@ -1,0 +1,1 @@
+"""Events over NATS JetStream: envelope, transactional outbox, idempotent consumer."""

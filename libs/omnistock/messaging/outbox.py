@@ -1,0 +1,192 @@
+"""The transactional outbox: events commit with the state change they report.
+
+Handlers call :func:`append` on the connection of their unit of work. The
+:class:`OutboxRelay` publishes committed rows to JetStream in commit order with
+``Nats-Msg-Id`` set to the event id, then marks them published. A crash between
+publishing and marking republishes the same event ids, which JetStream drops as
+duplicates within the stream's duplicate window, so every event lands once.
+Several relay replicas may run: a transaction-scoped advisory lock lets one of
+them publish at a time, which keeps commit order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+from nats.js import JetStreamContext
+
+from omnistock import metrics
+from omnistock.db import Connection, Pool
+from omnistock.logs import get_logger
+from omnistock.messaging.envelope import MSG_ID_HEADER, OutgoingEvent, wrap
+
+log = get_logger(__name__)
+
+
+async def append(
+    conn: Connection, schema: str, producer: str, events: Sequence[OutgoingEvent]
+) -> list[str]:
+    """Write ``events`` to ``schema``'s outbox inside the caller's transaction.
+
+    Returns the event ids, in order.
+    """
+    if not events:
+        return []
+    envelopes = [wrap(event, producer) for event in events]
+    await conn.execute(
+        f"""
+        INSERT INTO {schema}.outbox (event_id, subject, envelope)
+        SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[])
+        """,
+        [e.event_id for e in envelopes],
+        [event.subject for event in events],
+        [e.SerializeToString() for e in envelopes],
+    )
+    return [e.event_id for e in envelopes]
+
+
+class OutboxRelay:
+    """Publishes one schema's outbox to JetStream; survives restarts and crashes."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        js: JetStreamContext,
+        *,
+        schema: str,
+        batch_size: int = 256,
+        poll_interval: float = 1.0,
+        retention_hours: float = 24.0,
+        publish_timeout: float = 10.0,
+    ) -> None:
+        self._pool = pool
+        self._js = js
+        self._schema = schema
+        self._batch_size = batch_size
+        self._poll_interval = poll_interval
+        self._retention_hours = retention_hours
+        self._publish_timeout = publish_timeout
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        # One publisher per schema at a time, across all replicas.
+        self._lock_key = zlib.crc32(f"omni-outbox:{schema}".encode())
+        self._labels = {"service": schema}
+
+    async def run(self) -> None:
+        """Relay until :meth:`stop` is called. Errors are logged, counted and retried."""
+        listener = await self._pool.acquire()
+        channel = f"omni_outbox_{self._schema}"
+        await listener.add_listener(channel, self._on_notify)
+        last_prune = 0.0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    published = await self.relay_once()
+                    if time.monotonic() - last_prune > 60:
+                        await self.prune()
+                        last_prune = time.monotonic()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    metrics.OUTBOX_PUBLISH_ERRORS.labels(**self._labels).inc()
+                    log.exception("outbox.relay_failed", schema=self._schema)
+                    published = 0
+                if published >= self._batch_size:
+                    continue  # more waiting: go again without sleeping
+                self._wake.clear()
+                waiter = asyncio.ensure_future(self._wake.wait())
+                stopper = asyncio.ensure_future(self._stopping.wait())
+                await asyncio.wait(
+                    {waiter, stopper},
+                    timeout=self._poll_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                waiter.cancel()
+                stopper.cancel()
+        finally:
+            await listener.remove_listener(channel, self._on_notify)
+            await self._pool.release(listener)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current cycle."""
+        self._stopping.set()
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    async def relay_once(self) -> int:
+        """Publish one batch of unpublished events; returns how many were published."""
+        started = time.perf_counter()
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", self._lock_key):
+                return 0  # another replica is publishing this outbox right now
+            rows = await conn.fetch(
+                f"""
+                SELECT id, event_id, subject, envelope, created_at
+                FROM {self._schema}.outbox
+                WHERE published_at IS NULL
+                ORDER BY id
+                LIMIT $1
+                """,
+                self._batch_size,
+            )
+            if rows:
+                await self._publish(rows)
+                await conn.execute(
+                    f"UPDATE {self._schema}.outbox SET published_at = clock_timestamp() "
+                    "WHERE id = ANY($1::bigint[])",
+                    [row["id"] for row in rows],
+                )
+            await self._report_backlog(conn)
+        if rows:
+            now = datetime.now(UTC)
+            lag = metrics.OUTBOX_PUBLISH_LAG.labels(**self._labels)
+            for row in rows:
+                lag.observe(max(0.0, (now - row["created_at"]).total_seconds()))
+            metrics.OUTBOX_PUBLISHED.labels(**self._labels).inc(len(rows))
+            metrics.OUTBOX_CYCLE_SECONDS.labels(**self._labels).observe(
+                time.perf_counter() - started
+            )
+        return len(rows)
+
+    async def _publish(self, rows: Sequence[asyncpg.Record]) -> None:
+        # publish_async sends in order on one connection and returns ack futures,
+        # so a batch costs one round trip instead of one per event.
+        acks = []
+        for row in rows:
+            headers = {MSG_ID_HEADER: str(row["event_id"])}
+            acks.append(
+                await self._js.publish_async(
+                    row["subject"], bytes(row["envelope"]), headers=headers
+                )
+            )
+        results = await asyncio.wait_for(asyncio.gather(*acks), timeout=self._publish_timeout)
+        duplicates = sum(1 for ack in results if ack.duplicate)
+        if duplicates:
+            metrics.OUTBOX_DUPLICATES.labels(**self._labels).inc(duplicates)
+
+    async def _report_backlog(self, conn: Connection) -> None:
+        row = await conn.fetchrow(
+            f"""
+            SELECT count(*) AS backlog,
+                   coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0) AS age
+            FROM {self._schema}.outbox WHERE published_at IS NULL
+            """
+        )
+        assert row is not None
+        metrics.OUTBOX_BACKLOG.labels(**self._labels).set(row["backlog"])
+        metrics.OUTBOX_OLDEST_AGE.labels(**self._labels).set(float(row["age"]))
+
+    async def prune(self) -> int:
+        """Delete events published longer ago than the retention period."""
+        result: str = await self._pool.execute(
+            f"DELETE FROM {self._schema}.outbox "
+            "WHERE published_at < clock_timestamp() - make_interval(secs => $1)",
+            self._retention_hours * 3600,
+        )
+        return int(result.split()[-1])

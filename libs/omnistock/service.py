@@ -1,0 +1,164 @@
+"""The lifecycle every Omnistock service shares.
+
+Start: pool → NATS → outbox relay and consumers → gRPC (health SERVING) → metrics.
+Stop (SIGTERM/SIGINT): health NOT_SERVING → gRPC stops with grace, draining
+in-flight calls → consumers and relay stop → NATS drains → pool closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from omnistock.db import Pool, create_pool
+from omnistock.grpc.server import GrpcServer, ServiceBinding, start_grpc_server
+from omnistock.logs import configure_logging, get_logger
+from omnistock.messaging.consumer import EventConsumer
+from omnistock.messaging.outbox import OutboxRelay
+from omnistock.metrics import MetricsEndpoint, serve_metrics
+from omnistock.migrations import MigrationSet
+from omnistock.nats_client import connect
+from omnistock.settings import ServiceName, Settings
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    """What a service's wiring gets to build its servicers and consumers."""
+
+    settings: Settings
+    pool: Pool
+    nats: Client
+    js: JetStreamContext
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """Everything the runtime needs to know about one service."""
+
+    name: ServiceName
+    migrations: MigrationSet
+    bindings: Callable[[ServiceContext], Sequence[ServiceBinding]]
+    consumers: Callable[[ServiceContext], Sequence[EventConsumer]] = field(
+        default=lambda _context: ()
+    )
+
+    @property
+    def schema(self) -> str:
+        """The service's PostgreSQL schema (same as its name)."""
+        return self.migrations.schema
+
+
+@dataclass
+class RunningService:
+    """A started service; :meth:`stop` takes it down in order."""
+
+    spec: ServiceSpec
+    context: ServiceContext
+    grpc: GrpcServer
+    relay: OutboxRelay
+    consumers: list[EventConsumer]
+    tasks: list[asyncio.Task[None]]
+    metrics_endpoint: MetricsEndpoint | None
+
+    @property
+    def grpc_port(self) -> int:
+        """The port the gRPC server listens on."""
+        return self.grpc.port
+
+    async def stop(self) -> None:
+        """Graceful shutdown; safe to call once."""
+        settings = self.context.settings
+        await self.grpc.stop(settings.grpc_shutdown_grace_seconds)
+        for consumer in self.consumers:
+            consumer.stop()
+        self.relay.stop()
+        done, pending = await asyncio.wait(self.tasks, timeout=10)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception():
+                log.error("service.task_failed", error=repr(task.exception()))
+        with contextlib.suppress(Exception):
+            await self.context.nats.drain()
+        await self.context.pool.close()
+        if self.metrics_endpoint:
+            self.metrics_endpoint.close()
+        log.info("service.stopped", service=self.spec.name)
+
+
+async def start_service(
+    spec: ServiceSpec,
+    settings: Settings,
+    *,
+    grpc_port: int | None = None,
+    metrics_port: int | None = None,
+    serve_metrics_endpoint: bool = True,
+) -> RunningService:
+    """Start ``spec`` against the configured PostgreSQL and NATS."""
+    pool = await create_pool(
+        settings.require_database_url(),
+        min_size=settings.db_pool_min_size,
+        max_size=settings.db_pool_max_size,
+    )
+    client = await connect(settings.require_nats_url(), name=f"omnistock-{spec.name}")
+    js = client.jetstream()
+    context = ServiceContext(settings=settings, pool=pool, nats=client, js=js)
+
+    relay = OutboxRelay(
+        pool,
+        js,
+        schema=spec.schema,
+        batch_size=settings.outbox_batch_size,
+        poll_interval=settings.outbox_poll_interval_seconds,
+        retention_hours=settings.outbox_retention_hours,
+    )
+    consumers = list(spec.consumers(context))
+    tasks = [asyncio.create_task(relay.run(), name=f"{spec.name}-outbox-relay")]
+    tasks += [asyncio.create_task(c.run(), name=c.name) for c in consumers]
+
+    server = await start_grpc_server(
+        spec.bindings(context),
+        host=settings.grpc_host,
+        port=settings.grpc_port(spec.name) if grpc_port is None else grpc_port,
+    )
+    endpoint = None
+    if serve_metrics_endpoint:
+        endpoint = serve_metrics(
+            settings.metrics_host,
+            settings.metrics_port(spec.name) if metrics_port is None else metrics_port,
+        )
+    log.info("service.started", service=spec.name, grpc_port=server.port,
+             metrics_port=endpoint.port if endpoint else None)  # fmt: skip
+    return RunningService(spec, context, server, relay, consumers, tasks, endpoint)
+
+
+def run_forever(spec: ServiceSpec) -> None:
+    """Entry point of ``python -m services.<ctx>``: run until SIGTERM or SIGINT."""
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format, service=spec.name)
+    try:
+        import uvloop
+
+        runner: Callable[..., None] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep stdlib fallback
+        runner = asyncio.run
+    runner(_serve(spec, settings))
+
+
+async def _serve(spec: ServiceSpec, settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    service = await start_service(spec, settings)
+    await stop.wait()
+    log.info("service.stopping", service=spec.name)
+    await service.stop()

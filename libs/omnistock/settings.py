@@ -1,0 +1,97 @@
+"""Typed settings, read once from ``OMNI_*`` environment variables.
+
+Every service reads the same class; each picks its own ports from it. With no
+database or NATS address configured, ``omni dev run`` and the test harness start
+embedded servers and pass their addresses down through these variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ServiceName = Literal["ledger", "reservation", "routing", "fulfilment"]
+
+# Fixed defaults so clients and dashboards can rely on them.
+DEFAULT_GRPC_PORTS: dict[str, int] = {
+    "ledger": 50051,
+    "reservation": 50052,
+    "routing": 50053,
+    "fulfilment": 50054,
+}
+DEFAULT_METRICS_PORTS: dict[str, int] = {
+    "ledger": 9101,
+    "reservation": 9102,
+    "routing": 9103,
+    "fulfilment": 9104,
+}
+
+
+class Settings(BaseSettings):
+    """Runtime configuration of an Omnistock process."""
+
+    model_config = SettingsConfigDict(env_prefix="OMNI_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL DSN; unset means `omni dev run` starts an embedded server.",
+    )
+    nats_url: str | None = Field(
+        default=None,
+        description="NATS URL(s), comma-separated; unset means an embedded nats-server.",
+    )
+    state_dir: Path = Field(
+        default=Path(".omni"),
+        description="Where the embedded dev stack keeps its data and logs.",
+    )
+    dev_postgres_port: int = 55432
+    dev_nats_port: int = 4222
+    dev_nats_monitor_port: int = 8222
+
+    grpc_host: str = "127.0.0.1"
+    metrics_host: str = "127.0.0.1"
+    ledger_grpc_port: int = DEFAULT_GRPC_PORTS["ledger"]
+    reservation_grpc_port: int = DEFAULT_GRPC_PORTS["reservation"]
+    routing_grpc_port: int = DEFAULT_GRPC_PORTS["routing"]
+    fulfilment_grpc_port: int = DEFAULT_GRPC_PORTS["fulfilment"]
+    ledger_metrics_port: int = DEFAULT_METRICS_PORTS["ledger"]
+    reservation_metrics_port: int = DEFAULT_METRICS_PORTS["reservation"]
+    routing_metrics_port: int = DEFAULT_METRICS_PORTS["routing"]
+    fulfilment_metrics_port: int = DEFAULT_METRICS_PORTS["fulfilment"]
+
+    db_pool_min_size: int = 2
+    db_pool_max_size: int = 10
+    grpc_shutdown_grace_seconds: float = 10.0
+    outbox_poll_interval_seconds: float = 1.0
+    outbox_batch_size: int = 256
+    outbox_retention_hours: float = 24.0
+    consumer_max_deliveries: int = 5
+    log_level: str = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    def grpc_port(self, service: ServiceName) -> int:
+        """The gRPC port of ``service``."""
+        port: int = getattr(self, f"{service}_grpc_port")
+        return port
+
+    def metrics_port(self, service: ServiceName) -> int:
+        """The Prometheus metrics port of ``service``."""
+        port: int = getattr(self, f"{service}_metrics_port")
+        return port
+
+    def require_database_url(self) -> str:
+        """The database DSN, or a clear error when none is configured."""
+        if not self.database_url:
+            raise RuntimeError(
+                "OMNI_DATABASE_URL is not set (use `omni dev run` for a local stack)"
+            )
+        return self.database_url
+
+    def require_nats_url(self) -> str:
+        """The NATS URL, or a clear error when none is configured."""
+        if not self.nats_url:
+            raise RuntimeError("OMNI_NATS_URL is not set (use `omni dev run` for a local stack)")
+        return self.nats_url

@@ -1,0 +1,21 @@
+"""Wiring of the stock ledger service for the shared runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from omnistock.grpc.server import ServiceBinding
+from omnistock.migrations import MigrationSet
+from omnistock.service import ServiceContext, ServiceSpec
+from services.ledger import grpc_api
+from services.ledger.handlers import LedgerHandlers
+
+MIGRATIONS = MigrationSet("ledger", Path(__file__).parent / "migrations")
+
+
+def _bindings(context: ServiceContext) -> Sequence[ServiceBinding]:
+    return [grpc_api.binding(LedgerHandlers(context.pool))]
+
+
+SPEC = ServiceSpec(name="ledger", migrations=MIGRATIONS, bindings=_bindings)

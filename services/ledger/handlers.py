@@ -1,0 +1,299 @@
+"""Command and query handlers of the stock ledger: one transaction per command.
+
+Each handler validates the whole request first (nothing is read or written for
+a bad request), then opens a unit of work, loads and locks what it needs, asks
+the domain for the outcome, writes it together with its events (outbox), and
+commits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+from omnistock.db import Connection, Pool, unit_of_work
+from omnistock.errors import AlreadyExists, DomainError, FieldViolation, InvalidArgument
+from omnistock.idempotency import digest, once, require_request_id
+from omnistock.messaging import outbox
+from omnistock.messaging.envelope import OutgoingEvent
+from services.ledger import convert, domain, storage
+from services.ledger import metrics as ledger_metrics
+
+SCHEMA = "ledger"
+PRODUCER = "ledger"
+STOCK_MOVED_SUBJECT = "omni.ledger.stock.moved"
+LOCATION_UPSERTED_SUBJECT = "omni.ledger.location.upserted"
+SKU_UPSERTED_SUBJECT = "omni.ledger.sku.upserted"
+MAX_FILTER_VALUES = 1000
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+
+@dataclass
+class LedgerHandlers:
+    """The ledger's use cases over one connection pool."""
+
+    pool: Pool
+
+    # -- commands ---------------------------------------------------------
+
+    async def post_movements(
+        self, movements: Sequence[domain.PostMovement]
+    ) -> list[domain.PostedMovement]:
+        """Record a batch of movements exactly once each, all or nothing."""
+        ledger_metrics.BATCH_SIZE.observe(len(movements))
+        try:
+            validated = domain.validate_batch(movements)
+            results = await unit_of_work(self.pool, lambda conn: self._post(conn, validated))
+        except DomainError as error:
+            ledger_metrics.REJECTED_BATCHES.labels(error.reason).inc()
+            raise
+        for result in results:
+            if result.replayed:
+                ledger_metrics.REPLAYED.inc()
+                continue
+            kind = result.movement.kind.value
+            ledger_metrics.MOVEMENTS.labels(kind).inc()
+            ledger_metrics.MOVEMENT_UNITS.labels(kind).inc(
+                abs(result.movement.postings[0].quantity_delta)
+            )
+        return results
+
+    async def _post(
+        self, conn: Connection, movements: list[domain.PostMovement]
+    ) -> list[domain.PostedMovement]:
+        domain.check_references(
+            movements,
+            await storage.known_skus(conn, {m.sku for m in movements}),
+            await storage.known_locations(
+                conn, {key.location_id for m in movements for key in m.stock_keys()}
+            ),
+        )
+        existing = await storage.find_movements(conn, [m.key for m in movements])
+        _refuse_reused_keys(movements, existing)
+
+        fresh = [(i, m) for i, m in enumerate(movements) if m.key not in existing]
+        recorded: dict[domain.IdempotencyKey, domain.RecordedMovement] = {}
+        if fresh:
+            new = [m for _, m in fresh]
+            positions = domain.Positions(
+                balances=await storage.lock_balances(conn, domain.lock_order(new)),
+                transfers=await storage.lock_transfers(conn, domain.transfer_keys(new)),
+            )
+            drafts = [(m, positions.apply(m, index)) for index, m in fresh]
+            touched = [positions.transfers[k] for k in sorted(positions.touched_transfers)]
+            for stored in await storage.record(conn, drafts, touched):
+                recorded[stored.key] = stored
+            await outbox.append(
+                conn,
+                SCHEMA,
+                PRODUCER,
+                [
+                    OutgoingEvent(
+                        subject=STOCK_MOVED_SUBJECT,
+                        payload=convert.stock_moved(movement),
+                        ordering_key=f"{movement.sku}@{movement.location_id}",
+                        occurred_at=movement.recorded_at,
+                    )
+                    for movement in recorded.values()
+                ],
+            )
+        replayed = await storage.load_movements(conn, [mid for mid, _ in existing.values()])
+        results = []
+        for movement in movements:
+            if movement.key in recorded:
+                results.append(domain.PostedMovement(recorded[movement.key], replayed=False))
+            else:
+                movement_id, _ = existing[movement.key]
+                results.append(domain.PostedMovement(replayed[movement_id], replayed=True))
+        return results
+
+    async def upsert_locations(
+        self, request_id: str, locations: Sequence[domain.Location]
+    ) -> list[domain.Location]:
+        """Create or replace locations; a retry with the same request id changes nothing."""
+        require_request_id(request_id)
+        domain.validate_locations(locations)
+        content = json.dumps([asdict(loc) for loc in locations], sort_keys=True).encode()
+
+        async def work(conn: Connection) -> list[domain.Location]:
+            async def execute() -> list[domain.Location]:
+                await storage.upsert_locations(conn, locations)
+                await outbox.append(
+                    conn,
+                    SCHEMA,
+                    PRODUCER,
+                    [
+                        OutgoingEvent(
+                            LOCATION_UPSERTED_SUBJECT,
+                            convert.location_upserted(loc),
+                            ordering_key=loc.location_id,
+                        )
+                        for loc in locations
+                    ],
+                )
+                return list(locations)
+
+            # The stored answer of an upsert is the request itself: same digest, same locations.
+            return await once(
+                conn,
+                schema=SCHEMA,
+                method="UpsertLocations",
+                request_id=request_id,
+                request_digest=digest(content),
+                execute=execute,
+                encode=lambda _: b"",
+                decode=lambda _: list(locations),
+            )
+
+        return await unit_of_work(self.pool, work)
+
+    async def upsert_skus(self, request_id: str, skus: Sequence[domain.Sku]) -> list[domain.Sku]:
+        """Create or replace SKUs; a retry with the same request id changes nothing."""
+        require_request_id(request_id)
+        domain.validate_skus(skus)
+        content = json.dumps([asdict(sku) for sku in skus], sort_keys=True).encode()
+
+        async def work(conn: Connection) -> list[domain.Sku]:
+            async def execute() -> list[domain.Sku]:
+                await storage.upsert_skus(conn, skus)
+                await outbox.append(
+                    conn,
+                    SCHEMA,
+                    PRODUCER,
+                    [
+                        OutgoingEvent(SKU_UPSERTED_SUBJECT, convert.sku_upserted(s), s.sku)
+                        for s in skus
+                    ],
+                )
+                return list(skus)
+
+            return await once(
+                conn,
+                schema=SCHEMA,
+                method="UpsertSkus",
+                request_id=request_id,
+                request_digest=digest(content),
+                execute=execute,
+                encode=lambda _: b"",
+                decode=lambda _: list(skus),
+            )
+
+        return await unit_of_work(self.pool, work)
+
+    # -- queries ----------------------------------------------------------
+
+    async def stock_levels(
+        self,
+        *,
+        skus: Sequence[str],
+        locations: Sequence[str],
+        states: Sequence[domain.StockState],
+        as_of: datetime | None,
+        include_zero: bool,
+    ) -> list[tuple[domain.StockKey, int, int, datetime]]:
+        """On-hand now or at a past time."""
+        problems = []
+        if len(skus) > MAX_FILTER_VALUES:
+            problems.append(FieldViolation("skus", f"at most {MAX_FILTER_VALUES} SKUs per call"))
+        if len(locations) > MAX_FILTER_VALUES:
+            problems.append(
+                FieldViolation("location_ids", f"at most {MAX_FILTER_VALUES} locations per call")
+            )
+        if problems:
+            raise InvalidArgument(problems)
+        async with self.pool.acquire() as conn:
+            return await storage.stock_levels(
+                conn,
+                skus=skus,
+                locations=locations,
+                states=states,
+                as_of=as_of,
+                include_zero=include_zero,
+            )
+
+    async def history(
+        self,
+        *,
+        sku: str,
+        location_id: str,
+        recorded_from: datetime | None,
+        recorded_to: datetime | None,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[tuple[domain.Posting, domain.RecordedMovement]], str]:
+        """One page of postings with running balances, and the next page's token."""
+        problems = []
+        if not sku and not location_id:
+            problems.append(FieldViolation("sku", "give a sku, a location_id or both"))
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            problems.append(FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}"))
+        after = 0
+        if page_token:
+            try:
+                after = int(page_token, 16)
+            except ValueError:
+                problems.append(FieldViolation("page_token", "is not a token this service issued"))
+        if recorded_from and recorded_to and recorded_to <= recorded_from:
+            problems.append(FieldViolation("recorded_to", "must be after recorded_from"))
+        if problems:
+            raise InvalidArgument(problems)
+        limit = page_size or DEFAULT_PAGE_SIZE
+        async with self.pool.acquire() as conn:
+            rows = await storage.history(
+                conn,
+                sku=sku,
+                location_id=location_id,
+                recorded_from=recorded_from,
+                recorded_to=recorded_to,
+                after_sequence=after,
+                limit=limit + 1,
+            )
+        next_token = format(rows[limit - 1][0].ledger_sequence, "x") if len(rows) > limit else ""
+        return rows[:limit], next_token
+
+    async def locations(self, kind: domain.LocationKind | None) -> list[domain.Location]:
+        """All locations, optionally of one kind."""
+        async with self.pool.acquire() as conn:
+            return await storage.list_locations(conn, kind)
+
+    async def skus(
+        self, *, product_id: str, page_size: int, page_token: str
+    ) -> tuple[list[domain.Sku], str]:
+        """One page of SKUs and the next page's token."""
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument([FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}")])
+        limit = page_size or DEFAULT_PAGE_SIZE
+        async with self.pool.acquire() as conn:
+            rows = await storage.list_skus(
+                conn, product_id=product_id, after=page_token, limit=limit + 1
+            )
+        next_token = rows[limit - 1].sku if len(rows) > limit else ""
+        return rows[:limit], next_token
+
+
+def _refuse_reused_keys(
+    movements: Sequence[domain.PostMovement],
+    existing: dict[domain.IdempotencyKey, tuple[str, str]],
+) -> None:
+    conflicts = [
+        (index, m)
+        for index, m in enumerate(movements)
+        if m.key in existing and existing[m.key][1] != m.content_digest()
+    ]
+    if conflicts:
+        index, first = conflicts[0]
+        raise AlreadyExists(
+            "IDEMPOTENCY_KEY_REUSED",
+            f"movements[{index}]: key {first.key} was already recorded for a different movement "
+            f"({len(conflicts)} such key(s) in the batch). A device must not reuse a sequence "
+            "number; nothing was recorded.",
+            {
+                "index": str(index),
+                "device_id": first.key.device_id,
+                "sequence": str(first.key.sequence),
+                "conflicts": str(len(conflicts)),
+            },
+        )

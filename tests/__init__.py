@@ -1,0 +1,1 @@
+"""Omnistock test suite."""

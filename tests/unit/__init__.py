@@ -1,0 +1,1 @@
+"""Unit tests: pure rules, no I/O."""
