@@ -165,3 +165,7 @@ def ledger_audit() -> None:
         return report.ok
 
     sys.exit(0 if asyncio.run(run()) else 1)
+
+
+if __name__ == "__main__":
+    app()

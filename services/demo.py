@@ -75,7 +75,7 @@ def build_locations(document: dict[str, Any]) -> list[resources_pb2.Location]:
 
 def build_skus(document: dict[str, Any]) -> list[resources_pb2.Sku]:
     """One SKU per product, colour and size, with a valid EAN-13 barcode."""
-    skus = []
+    skus: list[resources_pb2.Sku] = []
     for product_index, product in enumerate(document["products"]):
         for colour_code, colour in product["colours"].items():
             for size in product["sizes"]:

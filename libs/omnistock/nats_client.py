@@ -16,8 +16,12 @@ async def connect(url: str, name: str) -> Client:
     async def on_error(error: Exception) -> None:
         log.warning("nats.error", error=repr(error))
 
+    holder: list[Client] = []
+
     async def on_disconnected() -> None:
-        log.warning("nats.disconnected")
+        # Closing or draining on purpose also disconnects; only warn about the unplanned.
+        if holder and not (holder[0].is_closed or holder[0].is_draining):
+            log.warning("nats.disconnected")
 
     async def on_reconnected() -> None:
         log.info("nats.reconnected")
@@ -31,4 +35,5 @@ async def connect(url: str, name: str) -> Client:
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
     )
+    holder.append(client)
     return client

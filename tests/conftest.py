@@ -1,0 +1,200 @@
+"""Test harness: a real PostgreSQL and a real nats-server (JetStream) on free ports.
+
+Both start once per test session in a temporary folder, get the streams
+provisioned and every migration applied, exactly as ``omni dev run`` prepares
+them. Tests never depend on fixed ports or on each other's data: each one makes
+its own SKUs and locations with fresh ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from omni.common.v1 import types_pb2
+from omni.ledger.v1 import ledger_service_pb2 as ledger_pb
+from omni.ledger.v1 import ledger_service_pb2_grpc as ledger_grpc
+from omni.ledger.v1 import resources_pb2
+from omnistock.bootstrap import prepare
+from omnistock.db import Pool, create_pool
+from omnistock.devstack.ports import free_port
+from omnistock.devstack.stack import EmbeddedStack
+from omnistock.logs import configure_logging
+from omnistock.nats_client import connect
+from omnistock.service import RunningService, start_service
+from omnistock.settings import Settings
+from services.ledger.app import SPEC as LEDGER
+from services.registry import SERVICES, STREAMS_FILE
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+    """PostgreSQL (fsync off: throw-away data) and nats-server for the whole session."""
+    configure_logging("WARNING", "console")
+    embedded = EmbeddedStack(
+        state_dir=tmp_path_factory.mktemp("stack"),
+        postgres_port=free_port(),
+        nats_port=free_port(),
+        nats_monitor_port=free_port(),
+        durable=False,
+    )
+    embedded.start()
+    try:
+        asyncio.run(
+            prepare(
+                embedded.database_url,
+                embedded.nats_url,
+                STREAMS_FILE,
+                [service.migrations for service in SERVICES],
+            )
+        )
+        yield embedded
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(stack: EmbeddedStack) -> Settings:
+    """Settings pointing at the harness's servers, with a short outbox poll."""
+    return Settings(
+        database_url=stack.database_url,
+        nats_url=stack.nats_url,
+        outbox_poll_interval_seconds=0.2,
+        grpc_shutdown_grace_seconds=2.0,
+    )
+
+
+@pytest.fixture(scope="session")
+async def pool(settings: Settings) -> AsyncIterator[Pool]:
+    """A connection pool for assertions straight against the database."""
+    created = await create_pool(settings.require_database_url(), min_size=1, max_size=5)
+    yield created
+    await created.close()
+
+
+@pytest.fixture(scope="session")
+async def nats_client(settings: Settings) -> AsyncIterator[Client]:
+    """A NATS connection for reading what landed on JetStream."""
+    client = await connect(settings.require_nats_url(), name="omnistock-tests")
+    yield client
+    await client.close()
+
+
+@pytest.fixture(scope="session")
+def js(nats_client: Client) -> JetStreamContext:
+    """The JetStream context of the test connection."""
+    return nats_client.jetstream()
+
+
+@pytest.fixture(scope="session")
+async def ledger_service(settings: Settings) -> AsyncIterator[RunningService]:
+    """The stock ledger service, running in-process on a free port."""
+    service = await start_service(LEDGER, settings, grpc_port=0, serve_metrics_endpoint=False)
+    yield service
+    await service.stop()
+
+
+@pytest.fixture(scope="session")
+async def ledger_channel(ledger_service: RunningService) -> AsyncIterator[grpc.aio.Channel]:
+    """A real gRPC channel to the ledger."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ledger_service.grpc_port}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def ledger(ledger_channel: grpc.aio.Channel) -> ledger_grpc.StockLedgerServiceAsyncStub:
+    """A typed stub of the ledger."""
+    stub: ledger_grpc.StockLedgerServiceAsyncStub = ledger_grpc.StockLedgerServiceStub(
+        ledger_channel
+    )
+    return stub
+
+
+class Network:
+    """Fresh master data for one test: SKUs and locations nobody else uses."""
+
+    def __init__(self, ledger: ledger_grpc.StockLedgerServiceAsyncStub) -> None:
+        self.ledger = ledger
+        self.tag = uuid.uuid4().hex[:10]
+        self.device = f"scanner-{self.tag}"
+        self._sequence = 0
+
+    def next_key(self, device: str | None = None) -> resources_pb2.IdempotencyKey:
+        """The next idempotency key of this test's scanner."""
+        self._sequence += 1
+        return resources_pb2.IdempotencyKey(
+            device_id=device or self.device, sequence=self._sequence
+        )
+
+    async def locations(self, count: int = 2) -> list[str]:
+        """Create ``count`` stores and return their ids."""
+        ids = [f"loc-{self.tag}-{i}" for i in range(count)]
+        await self.ledger.UpsertLocations(
+            ledger_pb.UpsertLocationsRequest(
+                request_id=f"locations-{self.tag}-{count}-{uuid.uuid4().hex[:6]}",
+                locations=[
+                    resources_pb2.Location(
+                        location_id=location_id,
+                        kind=types_pb2.LOCATION_KIND_STORE,
+                        name=f"Test store {location_id}",
+                        city="Utrecht",
+                        position=types_pb2.GeoPoint(latitude=52.09, longitude=5.12),
+                        active=True,
+                    )
+                    for location_id in ids
+                ],
+            )
+        )
+        return ids
+
+    async def skus(self, count: int = 1) -> list[str]:
+        """Create ``count`` SKUs and return their ids."""
+        ids = [f"SKU-{self.tag}-{i}" for i in range(count)]
+        await self.ledger.UpsertSkus(
+            ledger_pb.UpsertSkusRequest(
+                request_id=f"skus-{self.tag}-{count}-{uuid.uuid4().hex[:6]}",
+                skus=[
+                    resources_pb2.Sku(sku=sku, product_id=f"P-{self.tag}", name=f"Test {sku}")
+                    for sku in ids
+                ],
+            )
+        )
+        return ids
+
+
+@pytest.fixture
+def network(ledger: ledger_grpc.StockLedgerServiceAsyncStub) -> Network:
+    """Fresh ids and master data helpers for one test."""
+    return Network(ledger)
+
+
+async def fresh_database(stack: EmbeddedStack) -> str:
+    """A new, fully migrated database on the harness's server; returns its DSN."""
+    name = f"omni_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(stack.database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    dsn = stack.database_url.rsplit("/", 1)[0] + f"/{name}"
+    await prepare(dsn, stack.nats_url, STREAMS_FILE, [service.migrations for service in SERVICES])
+    return dsn
+
+
+@pytest.fixture
+async def isolated_dsn(stack: EmbeddedStack) -> str:
+    """A database of its own, for tests that tamper with data or count globally."""
+    return await fresh_database(stack)
+
+
+def repo_root() -> Path:
+    """The repository root (for tools such as buf that read the protos)."""
+    return Path(__file__).resolve().parents[1]

@@ -1,0 +1,1 @@
+"""Integration tests of the shared runtime (outbox, consumer, NATS, gRPC bootstrap)."""
