@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
@@ -464,9 +464,14 @@ class Positions:
     touched_transfers: set[tuple[str, str]] = field(default_factory=set)
 
     def apply(self, movement: PostMovement, index: int = 0) -> list[PostingDraft]:
-        """The postings of ``movement``; raises FailedPrecondition when it cannot happen."""
+        """The postings of ``movement``; raises FailedPrecondition when it cannot happen.
+
+        Everything is checked before anything changes, so a refused movement
+        leaves balances and transfers exactly as they were.
+        """
         detail = movement.detail
         keys = movement.stock_keys()
+        transfer_update: TransferLine | None = None
         match detail:
             case Receipt(quantity=quantity) | CustomerReturn(quantity=quantity):
                 deltas = [quantity]
@@ -479,44 +484,53 @@ class Positions:
             case StateChange(quantity=quantity):
                 deltas = [-quantity, quantity]
             case TransferOut():
-                self._send(movement, detail, index)
+                transfer_update = self._sent(movement, detail, index)
                 deltas = [-detail.quantity, detail.quantity]
             case TransferIn():
-                self._receive(movement, detail, index)
+                transfer_update = self._received(movement, detail, index)
                 deltas = [-detail.quantity, detail.quantity]
             case _:
                 raise AssertionError(f"unvalidated movement {movement!r}")
         for key, delta in zip(keys, deltas, strict=True):
-            after = self._balance(key).on_hand + delta
-            if after < 0:
-                raise FailedPrecondition(
-                    "NEGATIVE_ON_HAND",
-                    f"movements[{index}] ({movement.kind.value} {movement.key}) would leave "
-                    f"{after} {key.state.value} units of {key.sku} at {key.location_id}; "
-                    f"only {self._balance(key).on_hand} are on hand. Nothing was recorded.",
-                    {
-                        "index": str(index),
-                        "sku": key.sku,
-                        "location_id": key.location_id,
-                        "state": key.state.value,
-                        "on_hand": str(self._balance(key).on_hand),
-                        "requested_delta": str(delta),
-                    },
-                )
+            self._refuse_negative(movement, index, key, delta)
         drafts = []
         for key, delta in zip(keys, deltas, strict=True):
             balance = self._balance(key)
             balance.on_hand += delta
             balance.version += 1
             drafts.append(PostingDraft(key, delta, balance.on_hand, balance.version))
+        if transfer_update is not None:
+            line_key = (transfer_update.transfer_id, transfer_update.sku)
+            self.transfers[line_key] = transfer_update
+            self.touched_transfers.add(line_key)
         return drafts
+
+    def _refuse_negative(
+        self, movement: PostMovement, index: int, key: StockKey, delta: int
+    ) -> None:
+        on_hand = self._balance(key).on_hand
+        if on_hand + delta >= 0:
+            return
+        raise FailedPrecondition(
+            "NEGATIVE_ON_HAND",
+            f"movements[{index}] ({movement.kind.value} {movement.key}) would leave "
+            f"{on_hand + delta} {key.state.value} units of {key.sku} at {key.location_id}; "
+            f"only {on_hand} are on hand. Nothing was recorded.",
+            {
+                "index": str(index),
+                "sku": key.sku,
+                "location_id": key.location_id,
+                "state": key.state.value,
+                "on_hand": str(on_hand),
+                "requested_delta": str(delta),
+            },
+        )
 
     def _balance(self, key: StockKey) -> Balance:
         return self.balances.setdefault(key, Balance())
 
-    def _send(self, movement: PostMovement, detail: TransferOut, index: int) -> None:
-        line_key = (detail.transfer_id, movement.sku)
-        line = self.transfers.get(line_key)
+    def _sent(self, movement: PostMovement, detail: TransferOut, index: int) -> TransferLine:
+        line = self.transfers.get((detail.transfer_id, movement.sku))
         if line is None:
             line = TransferLine(
                 detail.transfer_id,
@@ -524,7 +538,6 @@ class Positions:
                 movement.location_id,
                 detail.destination_location_id,
             )
-            self.transfers[line_key] = line
         elif (line.source_location_id, line.destination_location_id) != (
             movement.location_id,
             detail.destination_location_id,
@@ -536,12 +549,10 @@ class Positions:
                 f"{movement.location_id} to {detail.destination_location_id}.",
                 {"index": str(index), "transfer_id": detail.transfer_id, "sku": movement.sku},
             )
-        line.quantity_sent += detail.quantity
-        self.touched_transfers.add(line_key)
+        return replace(line, quantity_sent=line.quantity_sent + detail.quantity)
 
-    def _receive(self, movement: PostMovement, detail: TransferIn, index: int) -> None:
-        line_key = (detail.transfer_id, movement.sku)
-        line = self.transfers.get(line_key)
+    def _received(self, movement: PostMovement, detail: TransferIn, index: int) -> TransferLine:
+        line = self.transfers.get((detail.transfer_id, movement.sku))
         if line is None:
             raise FailedPrecondition(
                 "UNKNOWN_TRANSFER",
@@ -568,8 +579,7 @@ class Positions:
                     "received": str(detail.quantity),
                 },
             )
-        line.quantity_received += detail.quantity
-        self.touched_transfers.add(line_key)
+        return replace(line, quantity_received=line.quantity_received + detail.quantity)
 
 
 def lock_order(movements: Sequence[PostMovement]) -> list[StockKey]:
