@@ -63,8 +63,9 @@ buf-lint: $(STAMP) ## Lint the protobuf contract with buf (STANDARD + COMMENTS).
 
 check: lint typecheck buf-lint test ## Everything CI runs.
 
-bench: gen ## Benchmark the ledger's PostMovements against raw SQL and no-op gRPC baselines.
+bench: gen ## Benchmarks with same-run baselines: ledger PostMovements, JetStream fsync policy.
 	$(PY) -m benchmarks.ledger_post_movements
+	$(PY) -m benchmarks.jetstream_sync
 
 audit: gen ## Prove that on-hand equals the sum of movements (needs OMNI_DATABASE_URL or a running `make run`).
 	$(BIN)/omni ledger audit

@@ -64,13 +64,12 @@ class LedgerHandlers:
     async def _post(
         self, conn: Connection, movements: list[domain.PostMovement]
     ) -> list[domain.PostedMovement]:
-        domain.check_references(
-            movements,
-            await storage.known_skus(conn, {m.sku for m in movements}),
-            await storage.known_locations(
-                conn, {key.location_id for m in movements for key in m.stock_keys()}
-            ),
+        known_skus, known_locations = await storage.known_references(
+            conn,
+            {m.sku for m in movements},
+            {key.location_id for m in movements for key in m.stock_keys()},
         )
+        domain.check_references(movements, known_skus, known_locations)
         existing = await storage.find_movements(conn, [m.key for m in movements])
         _refuse_reused_keys(movements, existing)
 

@@ -28,18 +28,23 @@ from services.ledger.domain import (
 )
 
 
-async def known_skus(conn: Connection, skus: Iterable[str]) -> set[str]:
-    """The subset of ``skus`` in the catalogue."""
-    rows = await conn.fetch("SELECT sku FROM ledger.skus WHERE sku = ANY($1::text[])", list(skus))
-    return {row["sku"] for row in rows}
-
-
-async def known_locations(conn: Connection, ids: Iterable[str]) -> set[str]:
-    """The subset of ``ids`` that are locations of the network."""
+async def known_references(
+    conn: Connection, skus: Iterable[str], locations: Iterable[str]
+) -> tuple[set[str], set[str]]:
+    """The subsets of ``skus`` and ``locations`` the ledger knows, in one round trip."""
     rows = await conn.fetch(
-        "SELECT location_id FROM ledger.locations WHERE location_id = ANY($1::text[])", list(ids)
+        """
+        SELECT 'sku' AS what, sku AS id FROM ledger.skus WHERE sku = ANY($1::text[])
+        UNION ALL
+        SELECT 'location', location_id FROM ledger.locations WHERE location_id = ANY($2::text[])
+        """,
+        list(skus),
+        list(locations),
     )
-    return {row["location_id"] for row in rows}
+    return (
+        {row["id"] for row in rows if row["what"] == "sku"},
+        {row["id"] for row in rows if row["what"] == "location"},
+    )
 
 
 async def find_movements(
@@ -279,6 +284,8 @@ async def load_movements(
     conn: Connection, movement_ids: Sequence[str]
 ) -> dict[str, RecordedMovement]:
     """Recorded movements by id, with their postings."""
+    if not movement_ids:
+        return {}
     rows = await conn.fetch(
         "SELECT * FROM ledger.movements WHERE movement_id = ANY($1::uuid[])", list(movement_ids)
     )

@@ -83,6 +83,16 @@ class EmbeddedPostgres:
         self._run("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60", "stop")
         log.info("postgres.stopped", port=self.port)
 
+    def ensure_database(self, name: str) -> None:
+        """Create database ``name`` unless it exists (uses the wheel's own client tools)."""
+        connection = ["-h", self.host, "-p", str(self.port), "-U", SUPERUSER]
+        exists = self._run(
+            "psql", *connection, "-d", "postgres", "-tAc",
+            f"SELECT 1 FROM pg_database WHERE datname = '{name}'",
+        )  # fmt: skip
+        if exists.strip() != "1":
+            self._run("createdb", *connection, name)
+
     def _prepare_permissions(self) -> None:
         if os.geteuid() != 0:
             return
@@ -100,7 +110,7 @@ class EmbeddedPostgres:
         os.chmod(self.data_dir, 0o700)
         self._run_as = (entry.pw_uid, entry.pw_gid)
 
-    def _run(self, program: str, *args: str) -> None:
+    def _run(self, program: str, *args: str) -> str:
         command = [str(_bin_dir() / program), *args]
         user, group = self._run_as if self._run_as else (None, None)
         result = subprocess.run(
@@ -111,3 +121,4 @@ class EmbeddedPostgres:
             raise RuntimeError(
                 f"{program} failed ({result.returncode}): {result.stderr.strip()}\n{tail}"
             )
+        return result.stdout

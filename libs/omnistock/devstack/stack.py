@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import asyncpg
 
 from omnistock.devstack.nats import EmbeddedNats
 from omnistock.devstack.ports import port_in_use
@@ -55,7 +52,7 @@ class EmbeddedStack:
                     self.state_dir / "postgres" / "data", self.postgres_port, durable=self.durable
                 )
                 self.postgres.start()
-                asyncio.run(_ensure_database(self.postgres.dsn(), DATABASE))
+                self.postgres.ensure_database(DATABASE)
             if with_nats:
                 self.nats = EmbeddedNats(
                     self.state_dir / "nats" / "jetstream", self.nats_port, self.nats_monitor_port
@@ -83,13 +80,3 @@ class EmbeddedStack:
             self.nats.stop()
         if self.postgres is not None:
             self.postgres.stop()
-
-
-async def _ensure_database(admin_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-        if not exists:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()

@@ -76,6 +76,7 @@ class OutboxRelay:
         # One publisher per schema at a time, across all replicas.
         self._lock_key = zlib.crc32(f"omni-outbox:{schema}".encode())
         self._labels = {"service": schema}
+        self._backlog_reported_at = 0.0
 
     async def run(self) -> None:
         """Relay until :meth:`stop` is called. Errors are logged, counted and retried."""
@@ -142,7 +143,10 @@ class OutboxRelay:
                     "WHERE id = ANY($1::bigint[])",
                     [row["id"] for row in rows],
                 )
-            await self._report_backlog(conn)
+            # Counting the backlog costs a query; once a second is plenty for a gauge.
+            if not rows or time.monotonic() - self._backlog_reported_at > 1.0:
+                await self._report_backlog(conn)
+                self._backlog_reported_at = time.monotonic()
         if rows:
             now = datetime.now(UTC)
             lag = metrics.OUTBOX_PUBLISH_LAG.labels(**self._labels)

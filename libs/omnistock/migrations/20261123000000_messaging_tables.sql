@@ -55,4 +55,5 @@ END
 $install$;
 
 -- migrate:down
+-- squawk-ignore ban-drop-schema
 DROP SCHEMA omni_runtime CASCADE;
