@@ -10,7 +10,7 @@ PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen run test test-unit test-integration lint typecheck buf-lint check bench audit clean distclean
+.PHONY: help install gen run test test-unit test-integration lint typecheck buf-lint deploy-check check bench audit clean distclean
 
 help: ## Show the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -53,7 +53,7 @@ test-integration: gen ## Run the integration and end-to-end tests.
 lint: gen ## Lint Python (ruff) and the SQL migrations (squawk).
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/squawk --config=.squawk.toml $$(find services -path '*/migrations/*.sql') libs/omnistock/migrations/*.sql
+	$(BIN)/squawk --config=.squawk.toml $$(find services -path '*/migrations/*.sql') libs/omnistock/runtime_migrations/*.sql
 
 typecheck: gen ## Type-check hand-written code with mypy --strict.
 	$(BIN)/mypy
@@ -61,7 +61,17 @@ typecheck: gen ## Type-check hand-written code with mypy --strict.
 buf-lint: $(STAMP) ## Lint the protobuf contract with buf (STANDARD + COMMENTS).
 	cd protos && ../$(BIN)/buf lint
 
-check: lint typecheck buf-lint test ## Everything CI runs.
+deploy-check: $(STAMP) ## Validate deploy/: Prometheus rules and their tests, compose, Kubernetes, YAML, Dockerfile.
+	@command -v promtool >/dev/null || { echo "promtool missing: apt-get install prometheus (Debian)"; exit 1; }
+	promtool check rules deploy/prometheus/rules.yml
+	promtool test rules deploy/prometheus/rules.test.yml
+	promtool check config deploy/prometheus/prometheus.yml
+	$(BIN)/yamllint -c deploy/yamllint.yaml deploy
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/compose.yaml
+	$(BIN)/kubernetes-validate --strict $$(ls deploy/k8s/*.yaml | grep -v kustomization.yaml)
+	$(BIN)/hadolint deploy/docker/Dockerfile
+
+check: lint typecheck buf-lint deploy-check test ## Everything CI runs.
 
 bench: gen ## Benchmarks with same-run baselines: ledger PostMovements, JetStream fsync policy.
 	$(PY) -m benchmarks.ledger_post_movements

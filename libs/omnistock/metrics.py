@@ -101,6 +101,11 @@ CONSUMER_DEAD_LETTERS = Counter(
     "Messages moved to the dead-letter stream after the last allowed attempt.",
     ["consumer"],
 )
+CONSUMER_FETCH_ERRORS = Counter(
+    "omni_consumer_errors_total",
+    "Fetches or acknowledgements that failed on the NATS side (retried; messages redelivered).",
+    ["consumer"],
+)
 CONSUMER_PENDING = Gauge(
     "omni_consumer_pending_messages",
     "Messages in the stream not yet delivered to the consumer (its lag).",

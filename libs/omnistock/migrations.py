@@ -1,6 +1,6 @@
 """Schema migrations, applied with dbmate (plain SQL files with up/down parts).
 
-The runtime's own migrations (``libs/omnistock/migrations``) come first; then
+The runtime's own migrations (``libs/omnistock/runtime_migrations``) come first; then
 each service's (``services/<ctx>/migrations``) into the service's own schema,
 with its own migration history table ``<ctx>.schema_migrations``. dbmate holds
 a PostgreSQL advisory lock while migrating, so replicas starting together
@@ -22,7 +22,7 @@ from omnistock.logs import get_logger
 
 log = get_logger(__name__)
 
-RUNTIME_MIGRATIONS = Path(__file__).parent / "migrations"
+RUNTIME_MIGRATIONS = Path(__file__).parent / "runtime_migrations"
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ commits.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from omnistock.db import Connection, Pool, unit_of_work
 from omnistock.errors import AlreadyExists, DomainError, FieldViolation, InvalidArgument
@@ -20,6 +21,8 @@ from omnistock.messaging import outbox
 from omnistock.messaging.envelope import OutgoingEvent
 from services.ledger import convert, domain, storage
 from services.ledger import metrics as ledger_metrics
+
+T = TypeVar("T", domain.Location, domain.Sku)
 
 SCHEMA = "ledger"
 PRODUCER = "ledger"
@@ -115,72 +118,56 @@ class LedgerHandlers:
         """Create or replace locations; a retry with the same request id changes nothing."""
         require_request_id(request_id)
         domain.validate_locations(locations)
-        content = json.dumps([asdict(loc) for loc in locations], sort_keys=True).encode()
-
-        async def work(conn: Connection) -> list[domain.Location]:
-            async def execute() -> list[domain.Location]:
-                await storage.upsert_locations(conn, locations)
-                await outbox.append(
-                    conn,
-                    SCHEMA,
-                    PRODUCER,
-                    [
-                        OutgoingEvent(
-                            LOCATION_UPSERTED_SUBJECT,
-                            convert.location_upserted(loc),
-                            ordering_key=loc.location_id,
-                        )
-                        for loc in locations
-                    ],
-                )
-                return list(locations)
-
-            # The stored answer of an upsert is the request itself: same digest, same locations.
-            return await once(
-                conn,
-                schema=SCHEMA,
-                method="UpsertLocations",
-                request_id=request_id,
-                request_digest=digest(content),
-                execute=execute,
-                encode=lambda _: b"",
-                decode=lambda _: list(locations),
+        events = [
+            OutgoingEvent(
+                LOCATION_UPSERTED_SUBJECT, convert.location_upserted(loc), loc.location_id
             )
-
-        return await unit_of_work(self.pool, work)
+            for loc in locations
+        ]
+        await self._upsert_once(
+            "UpsertLocations", request_id, locations, storage.upsert_locations, events
+        )
+        return list(locations)
 
     async def upsert_skus(self, request_id: str, skus: Sequence[domain.Sku]) -> list[domain.Sku]:
         """Create or replace SKUs; a retry with the same request id changes nothing."""
         require_request_id(request_id)
         domain.validate_skus(skus)
-        content = json.dumps([asdict(sku) for sku in skus], sort_keys=True).encode()
+        events = [
+            OutgoingEvent(SKU_UPSERTED_SUBJECT, convert.sku_upserted(sku), sku.sku) for sku in skus
+        ]
+        await self._upsert_once("UpsertSkus", request_id, skus, storage.upsert_skus, events)
+        return list(skus)
 
-        async def work(conn: Connection) -> list[domain.Sku]:
-            async def execute() -> list[domain.Sku]:
-                await storage.upsert_skus(conn, skus)
-                await outbox.append(
-                    conn,
-                    SCHEMA,
-                    PRODUCER,
-                    [
-                        OutgoingEvent(SKU_UPSERTED_SUBJECT, convert.sku_upserted(s), s.sku)
-                        for s in skus
-                    ],
-                )
-                return list(skus)
+    async def _upsert_once(
+        self,
+        method: str,
+        request_id: str,
+        items: Sequence[T],
+        write: Callable[[Connection, Sequence[T]], Awaitable[None]],
+        events: list[OutgoingEvent],
+    ) -> None:
+        # The answer of an upsert is its own request, so only the request's digest
+        # is kept: a retry with the same content is answered with that content.
+        content = json.dumps([asdict(item) for item in items], sort_keys=True).encode()
 
-            return await once(
+        async def work(conn: Connection) -> None:
+            async def execute() -> None:
+                await write(conn, items)
+                await outbox.append(conn, SCHEMA, PRODUCER, events)
+
+            await once(
                 conn,
                 schema=SCHEMA,
-                method="UpsertSkus",
+                method=method,
                 request_id=request_id,
                 request_digest=digest(content),
                 execute=execute,
                 encode=lambda _: b"",
-                decode=lambda _: list(skus),
+                decode=lambda _: None,
             )
 
-        return await unit_of_work(self.pool, work)
+        await unit_of_work(self.pool, work)
 
     # -- queries ----------------------------------------------------------
 

@@ -298,23 +298,33 @@ async def load_movements(
     for row in posting_rows:
         postings.setdefault(str(row["movement_id"]), []).append(_posting(row))
     return {
-        str(row["movement_id"]): RecordedMovement(
-            movement_id=str(row["movement_id"]),
-            key=IdempotencyKey(row["device_id"], row["device_sequence"]),
-            kind=MovementKind(row["kind"]),
-            sku=row["sku"],
-            location_id=row["location_id"],
-            postings=tuple(postings.get(str(row["movement_id"]), ())),
-            occurred_at=row["occurred_at"],
-            recorded_at=row["recorded_at"],
-            reason_code=row["reason_code"],
-            transfer_id=row["transfer_id"],
-            counterpart_location_id=row["counterpart_location_id"],
-            reference=row["reference"],
-            counted_quantity=row["counted_quantity"],
+        str(row["movement_id"]): _movement(
+            row, tuple(postings.get(str(row["movement_id"]), ())), row["sku"], row["location_id"]
         )
         for row in rows
     }
+
+
+def _movement(
+    row: asyncpg.Record, postings: tuple[Posting, ...], sku: str, location_id: str
+) -> RecordedMovement:
+    # ``sku`` and ``location_id`` are passed in because a history row joins the
+    # movement to one of its postings, whose own columns carry the same names.
+    return RecordedMovement(
+        movement_id=str(row["movement_id"]),
+        key=IdempotencyKey(row["device_id"], row["device_sequence"]),
+        kind=MovementKind(row["kind"]),
+        sku=sku,
+        location_id=location_id,
+        postings=postings,
+        occurred_at=row["occurred_at"],
+        recorded_at=row["recorded_at"],
+        reason_code=row["reason_code"],
+        transfer_id=row["transfer_id"],
+        counterpart_location_id=row["counterpart_location_id"],
+        reference=row["reference"],
+        counted_quantity=row["counted_quantity"],
+    )
 
 
 def _posting(row: asyncpg.Record) -> Posting:
@@ -410,22 +420,7 @@ async def history(
     result = []
     for row in rows:
         posting = _posting(row)
-        movement = RecordedMovement(
-            movement_id=str(row["movement_id"]),
-            key=IdempotencyKey(row["device_id"], row["device_sequence"]),
-            kind=MovementKind(row["kind"]),
-            sku=row["m_sku"],
-            location_id=row["m_location_id"],
-            postings=(posting,),
-            occurred_at=row["occurred_at"],
-            recorded_at=row["recorded_at"],
-            reason_code=row["reason_code"],
-            transfer_id=row["transfer_id"],
-            counterpart_location_id=row["counterpart_location_id"],
-            reference=row["reference"],
-            counted_quantity=row["counted_quantity"],
-        )
-        result.append((posting, movement))
+        result.append((posting, _movement(row, (posting,), row["m_sku"], row["m_location_id"])))
     return result
 
 

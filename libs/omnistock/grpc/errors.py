@@ -7,8 +7,11 @@ requests also carry a ``google.rpc.BadRequest`` listing every offending field.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -22,6 +25,8 @@ from omnistock.errors import (
     NotFound,
     PermissionDenied,
 )
+
+D = TypeVar("D", bound=Message)
 
 _CODES: list[tuple[type[DomainError], int]] = [
     (InvalidArgument, code_pb2.INVALID_ARGUMENT),
@@ -75,19 +80,18 @@ def internal_status(message: str = "Internal error; it has been logged.") -> grp
 
 def error_info(call_error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
     """The ``ErrorInfo`` detail of a failed client call, if the server sent one."""
-    for detail in _details(call_error):
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    return None
+    return _detail(call_error, error_details_pb2.ErrorInfo)
 
 
 def bad_request(call_error: grpc.aio.AioRpcError) -> error_details_pb2.BadRequest | None:
     """The ``BadRequest`` detail of a failed client call, if the server sent one."""
+    return _detail(call_error, error_details_pb2.BadRequest)
+
+
+def _detail(call_error: grpc.aio.AioRpcError, detail_type: type[D]) -> D | None:
     for detail in _details(call_error):
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            found = error_details_pb2.BadRequest()
+        if detail.TypeName() == detail_type.DESCRIPTOR.full_name:
+            found = detail_type()
             detail.Unpack(found)
             return found
     return None

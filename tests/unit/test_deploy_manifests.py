@@ -1,0 +1,301 @@
+"""The deployment artefacts under deploy/ parse and agree with the code's metrics.
+
+Static checks only: no network, no servers. Every YAML file parses; every metric
+name the alert rules and the Grafana dashboard query is one the services export
+(or a series the rules themselves record); every alert has a severity, a
+summary, a description and a runbook section that exists; the dashboard has its
+stable uid and a datasource variable; the Compose and Kubernetes manifests keep
+the few properties the services rely on. ``promtool``, ``check-jsonschema``,
+``kubernetes-validate`` and ``yamllint`` go further (see deploy/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+RULES_FILE = DEPLOY / "prometheus" / "rules.yml"
+DASHBOARD_FILE = DEPLOY / "grafana" / "omnistock-overview.json"
+README_FILE = DEPLOY / "README.md"
+K8S = DEPLOY / "k8s"
+
+COUNTERS_AND_GAUGES = frozenset(
+    {
+        "grpc_server_started_total",
+        "grpc_server_handled_total",
+        "grpc_server_msg_sent_total",
+        "omni_outbox_published_total",
+        "omni_outbox_duplicates_total",
+        "omni_outbox_publish_errors_total",
+        "omni_outbox_backlog_events",
+        "omni_outbox_oldest_unpublished_age_seconds",
+        "omni_consumer_messages_total",
+        "omni_consumer_redeliveries_total",
+        "omni_consumer_dead_letters_total",
+        "omni_consumer_errors_total",
+        "omni_consumer_pending_messages",
+        "omni_ledger_movements_total",
+        "omni_ledger_movement_units_total",
+        "omni_ledger_movements_replayed_total",
+        "omni_ledger_batches_rejected_total",
+    }
+)
+HISTOGRAMS = frozenset(
+    {
+        "grpc_server_handling_seconds",
+        "omni_outbox_publish_lag_seconds",
+        "omni_outbox_relay_cycle_seconds",
+        "omni_consumer_handling_seconds",
+        "omni_consumer_event_age_seconds",
+        "omni_ledger_batch_movements",
+    }
+)
+EXPORTED = (
+    COUNTERS_AND_GAUGES
+    | {f"{name}{suffix}" for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+    | {"up"}
+)
+SEVERITIES = frozenset({"critical", "warning", "info"})
+
+# Words of PromQL that look like metric names but are not.
+PROMQL_KEYWORDS = frozenset(
+    {
+        "and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
+        "group_left", "group_right", "inf", "nan", "start", "end", "atan2",
+    }
+)  # fmt: skip
+
+_STRING = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
+_MATCHERS = re.compile(r"\{[^{}]*\}")
+_BRACKETS = re.compile(r"\[[^\[\]]*\]")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
+_TEMPLATE_VARIABLE = re.compile(r"\$\{[^}]*\}|\$\w+")
+# A whole identifier (not part of a number or a longer name) that is not a function call.
+_IDENTIFIER = re.compile(r"(?<![\w:.])[A-Za-z_:][\w:]*(?![\w:])(?!\s*\()")
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression (or a Grafana query) selects."""
+    text = _TEMPLATE_VARIABLE.sub("", expr)
+    text = _STRING.sub('""', text)
+    text = _MATCHERS.sub("", text)
+    text = _BRACKETS.sub("", text)
+    text = _GROUPING.sub("", text)
+    return {m.group(0) for m in _IDENTIFIER.finditer(text)} - PROMQL_KEYWORDS
+
+
+def load_yaml(path: Path) -> Any:
+    """The single YAML document in ``path``."""
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def rules() -> list[dict[str, Any]]:
+    """Every recording and alerting rule of rules.yml."""
+    document = load_yaml(RULES_FILE)
+    assert isinstance(document, dict)
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def alerts() -> list[dict[str, Any]]:
+    """The alerting rules of rules.yml."""
+    return [rule for rule in rules() if "alert" in rule]
+
+
+def dashboard() -> dict[str, Any]:
+    """The overview dashboard."""
+    document = json.loads(DASHBOARD_FILE.read_text(encoding="utf-8"))
+    assert isinstance(document, dict)
+    return document
+
+
+def panel_exprs(panels: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(panel title, expr) of every query, rows' nested panels included."""
+    found: list[tuple[str, str]] = []
+    for panel in panels:
+        found += [(panel["title"], t["expr"]) for t in panel.get("targets", []) if "expr" in t]
+        found += panel_exprs(panel.get("panels", []))
+    return found
+
+
+def k8s_documents() -> dict[str, dict[str, Any]]:
+    """Kubernetes objects of deploy/k8s by "Kind/name"."""
+    objects: dict[str, dict[str, Any]] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if document and "metadata" in document:
+                objects[f"{document['kind']}/{document['metadata']['name']}"] = document
+    return objects
+
+
+YAML_FILES = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
+
+
+def test_deploy_has_yaml_files() -> None:
+    names = {path.relative_to(DEPLOY).as_posix() for path in YAML_FILES}
+    assert {"compose/compose.yaml", "prometheus/rules.yml", "k8s/kustomization.yaml"} <= names
+
+
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, id=p.relative_to(DEPLOY).as_posix()) for p in YAML_FILES]
+)
+def test_yaml_parses(path: Path) -> None:
+    documents = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+    assert documents, f"{path} holds no YAML document"
+
+
+def test_metric_name_extraction() -> None:
+    expr = (
+        'sum by (job, kind) (rate(omni_ledger_movements_total{kind=~"a|b",x!="y z"}[5m] '
+        "offset 1h)) / on (job) group_left sum(up) > 1e3 and absent(foo_total) "
+        'or histogram_quantile(0.99, sum by (le) (rate(h_bucket{a="$service"}[$__rate_interval])))'
+        " or level:recorded_series:rate5m"
+    )
+    assert metric_names(expr) == {
+        "omni_ledger_movements_total",
+        "up",
+        "foo_total",
+        "h_bucket",
+        "level:recorded_series:rate5m",
+    }
+
+
+def test_rules_use_only_exported_or_recorded_metrics() -> None:
+    recorded = {rule["record"] for rule in rules() if "record" in rule}
+    assert recorded, "rules.yml records nothing"
+    for rule in rules():
+        name = rule.get("record") or rule.get("alert")
+        used = metric_names(rule["expr"])
+        assert used, f"{name}: no metric found in {rule['expr']!r}"
+        unknown = used - EXPORTED - recorded
+        assert not unknown, f"{name} uses unknown metrics {sorted(unknown)}"
+
+
+def test_recording_rules_follow_level_metric_operation_naming() -> None:
+    for rule in rules():
+        if "record" in rule:
+            assert re.fullmatch(r"[a-z_]+:[a-z_]+:[a-z0-9_]+", rule["record"]), rule["record"]
+
+
+def test_every_alert_has_severity_summary_description_and_runbook() -> None:
+    readme = README_FILE.read_text(encoding="utf-8")
+    anchors = {
+        re.sub(r"[^a-z0-9_ -]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#+ (.+)$", readme, flags=re.MULTILINE)
+    }
+    names = [alert["alert"] for alert in alerts()]
+    assert len(names) == len(set(names)), "duplicate alert names"
+    for alert in alerts():
+        name = alert["alert"]
+        assert alert.get("labels", {}).get("severity") in SEVERITIES, name
+        annotations = alert.get("annotations", {})
+        assert annotations.get("summary", "").strip(), f"{name}: no summary"
+        assert annotations.get("description", "").strip(), f"{name}: no description"
+        runbook = annotations.get("runbook", "")
+        assert runbook.startswith("deploy/README.md#"), f"{name}: runbook {runbook!r}"
+        assert runbook.split("#", 1)[1] in anchors, f"{name}: no README section {runbook!r}"
+
+
+def test_server_error_alerts_ignore_caller_mistakes() -> None:
+    by_name = {rule["record"]: rule["expr"] for rule in rules() if "record" in rule}
+    server_errors = by_name["service_method:grpc_server_server_errors:rate5m"]
+    excluded = re.search(r'grpc_code!~"([^"]+)"', server_errors)
+    assert excluded is not None
+    codes = set(excluded.group(1).split("|"))
+    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION"} <= codes
+    assert not codes & {"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "DATA_LOSS"}
+
+
+def test_dashboard_has_stable_uid_and_datasource_variable() -> None:
+    board = dashboard()
+    assert board["uid"] == "omnistock-overview"
+    variables = board["templating"]["list"]
+    datasource = [v for v in variables if v["type"] == "datasource"]
+    assert len(datasource) == 1 and datasource[0]["query"] == "prometheus"
+    variable = "${" + datasource[0]["name"] + "}"
+    for panel in board["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == variable, panel["title"]
+            assert all(t["datasource"]["uid"] == variable for t in panel["targets"])
+
+
+def test_dashboard_queries_use_only_exported_metrics() -> None:
+    board = dashboard()
+    queries = panel_exprs(board["panels"])
+    assert len(queries) >= 10
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            query = variable["query"]
+            text = query["query"] if isinstance(query, dict) else query
+            selector = re.fullmatch(r"label_values\((.+),\s*\w+\)", text)
+            assert selector is not None, text
+            queries.append((f"variable {variable['name']}", selector.group(1)))
+    for title, expr in queries:
+        used = metric_names(expr)
+        assert used, f"{title}: no metric found in {expr!r}"
+        assert used <= EXPORTED, f"{title} uses unknown metrics {sorted(used - EXPORTED)}"
+
+
+def test_dashboard_panel_ids_are_unique() -> None:
+    ids = [panel["id"] for panel in dashboard()["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_prometheus_scrape_jobs_name_the_service() -> None:
+    config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    assert "rules.yml" in config["rule_files"]
+    jobs = [job for job in config["scrape_configs"] if job["job_name"].startswith("omnistock-")]
+    assert jobs
+    for job in jobs:
+        service = job["job_name"].removeprefix("omnistock-")
+        assert job["honor_labels"] is True, job["job_name"]
+        assert all(target["labels"]["service"] == service for target in job["static_configs"])
+
+
+def test_compose_prepares_before_the_services() -> None:
+    compose = load_yaml(DEPLOY / "compose" / "compose.yaml")
+    services = compose["services"]
+    assert {"postgres", "nats", "prepare", "ledger", "prometheus", "grafana"} <= set(services)
+    assert "omni migrate" in services["prepare"]["command"][-1]
+    assert "omni provision-streams" in services["prepare"]["command"][-1]
+    condition = services["ledger"]["depends_on"]["prepare"]["condition"]
+    assert condition == "service_completed_successfully"
+    assert services["ledger"]["environment"]["OMNI_GRPC_HOST"] == "0.0.0.0"
+    nats_conf = (DEPLOY / "compose" / "nats.conf").read_text(encoding="utf-8")
+    assert re.search(r"^\s*sync_interval:\s*always\s*$", nats_conf, flags=re.MULTILINE)
+
+
+def test_kustomization_lists_existing_files_but_not_the_secret_example() -> None:
+    kustomization = load_yaml(K8S / "kustomization.yaml")
+    resources = kustomization["resources"]
+    assert all((K8S / resource).is_file() for resource in resources), resources
+    assert "secret.example.yaml" not in resources
+    listed = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert listed == set(resources)
+
+
+def test_ledger_deployment_is_hardened_and_drains_gracefully() -> None:
+    objects = k8s_documents()
+    deployment = objects["Deployment/omnistock-ledger"]
+    assert deployment["spec"]["replicas"] == 3
+    pod = deployment["spec"]["template"]["spec"]
+    # The service's own shutdown: 10 s gRPC grace, then up to 10 s for relay and consumers.
+    assert pod["terminationGracePeriodSeconds"] > 20
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "services.ledger"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "preStop" not in container.get("lifecycle", {})
+    assert container["readinessProbe"]["grpc"]["port"] == 50051
+    assert container["livenessProbe"]["grpc"]["port"] == 50051
+    assert {"requests", "limits"} <= set(container["resources"])
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9101"
+    assert "PodDisruptionBudget/omnistock-ledger" in objects
+    assert "Job/omnistock-prepare" in objects
