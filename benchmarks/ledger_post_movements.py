@@ -65,7 +65,7 @@ async def scenarios(
                 locations=[
                     res.Location(
                         location_id=loc, kind=types_pb2.LOCATION_KIND_STORE, name=loc,
-                        position=types_pb2.GeoPoint(latitude=52.1, longitude=5.1), active=True,
+                        position=types_pb2.GeoPoint(latitude=52.1, longitude=5.1),
                     )
                     for loc in locations
                 ],

@@ -67,7 +67,6 @@ def build_locations(document: dict[str, Any]) -> list[resources_pb2.Location]:
                     accepts_returns=item["accepts_returns"],
                     daily_capacity=item["daily_capacity"],
                 ),
-                active=True,
             )
         )
     return result

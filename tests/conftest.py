@@ -147,7 +147,6 @@ class Network:
                         name=f"Test store {location_id}",
                         city="Utrecht",
                         position=types_pb2.GeoPoint(latitude=52.09, longitude=5.12),
-                        active=True,
                     )
                     for location_id in ids
                 ],

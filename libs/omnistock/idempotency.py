@@ -30,9 +30,14 @@ def require_request_id(request_id: str) -> None:
         raise InvalidArgument(
             [FieldViolation("request_id", "is required to make the request idempotent")]
         )
-    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+    if len(request_id) > MAX_REQUEST_ID_LENGTH or not request_id.isprintable():
         raise InvalidArgument(
-            [FieldViolation("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")]
+            [
+                FieldViolation(
+                    "request_id",
+                    f"must be at most {MAX_REQUEST_ID_LENGTH} printable characters",
+                )
+            ]
         )
 
 

@@ -7,12 +7,14 @@ of the batch, so the caller gets all of them in one answer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from omni.common.v1 import types_pb2
 from omni.ledger.v1 import events_pb2, resources_pb2
+from omnistock.errors import FieldViolation, InvalidArgument
 from services.ledger import domain
 
 _STATES = {
@@ -56,9 +58,35 @@ def location_kind_in(value: int) -> domain.LocationKind | None:
     return _LOCATION_KINDS.get(types_pb2.LocationKind.ValueType(value))
 
 
-def timestamp_in(stamp: Timestamp, present: bool) -> datetime | None:
+def timestamp_in(stamp: Timestamp, present: bool, field: str) -> datetime | None:
     """An aware datetime, or None when the field was not set."""
-    return stamp.ToDatetime(tzinfo=UTC) if present else None
+    if not present:
+        return None
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as error:
+        raise InvalidArgument(
+            [FieldViolation(field, f"is not a valid timestamp ({error})")]
+        ) from error
+
+
+def states_filter(values: Sequence[int], field: str) -> list[domain.StockState]:
+    """Stock states asked for in a query; an unknown or unspecified value is an error."""
+    states = [state_in(value) for value in values]
+    bad = [f"{field}[{i}]" for i, state in enumerate(states) if state is None]
+    if bad:
+        raise InvalidArgument([FieldViolation(name, "is not a known stock state") for name in bad])
+    return [state for state in states if state is not None]
+
+
+def location_kind_filter(value: int) -> domain.LocationKind | None:
+    """A location kind asked for in a query: None for all, an error when unknown."""
+    if value == types_pb2.LOCATION_KIND_UNSPECIFIED:
+        return None
+    kind = location_kind_in(value)
+    if kind is None:
+        raise InvalidArgument([FieldViolation("kind", f"{value} is not a known location kind")])
+    return kind
 
 
 def timestamp_out(moment: datetime) -> Timestamp:
@@ -68,7 +96,7 @@ def timestamp_out(moment: datetime) -> Timestamp:
     return stamp
 
 
-def movement_in(message: resources_pb2.MovementInput) -> domain.PostMovement:
+def movement_in(message: resources_pb2.MovementInput, index: int) -> domain.PostMovement:
     """The command for one movement of a PostMovements request."""
     detail: domain.MovementDetail | None
     match message.WhichOneof("kind"):
@@ -105,7 +133,11 @@ def movement_in(message: resources_pb2.MovementInput) -> domain.PostMovement:
         sku=message.sku,
         location_id=message.location_id,
         detail=detail,
-        occurred_at=timestamp_in(message.occurred_at, message.HasField("occurred_at")),
+        occurred_at=timestamp_in(
+            message.occurred_at,
+            message.HasField("occurred_at"),
+            f"movements[{index}].occurred_at",
+        ),
     )
 
 
@@ -173,7 +205,7 @@ def location_in(message: resources_pb2.Location) -> domain.Location:
         click_and_collect=caps.click_and_collect,
         accepts_returns=caps.accepts_returns,
         daily_capacity=caps.daily_capacity,
-        active=message.active,
+        active=not message.closed,
     )
 
 
@@ -192,7 +224,7 @@ def location_out(location: domain.Location) -> resources_pb2.Location:
             accepts_returns=location.accepts_returns,
             daily_capacity=location.daily_capacity,
         ),
-        active=location.active,
+        closed=not location.active,
     )
 
 

@@ -27,8 +27,13 @@ MAX_BATCH_SIZE = 500
 MAX_QUANTITY = 1_000_000
 MAX_CLOCK_SKEW = timedelta(minutes=10)
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
-REASON_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{1,39}$")
+# fullmatch, never match: "$" would accept a trailing newline, and "scanner-7\n"
+# must not be a second device next to "scanner-7".
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
+REASON_PATTERN = re.compile(r"[A-Z][A-Z0-9_]{1,39}")
+MAX_REFERENCE_LENGTH = 128
+MAX_NAME_LENGTH = 200
+MAX_SHORT_TEXT_LENGTH = 80
 ID_RULE = "1-64 letters, digits or . _ : / -, starting with a letter or digit"
 
 
@@ -277,8 +282,22 @@ def validate_batch(
 def _check_id(value: str, path: str, what: str) -> list[FieldViolation]:
     if not value:
         return [FieldViolation(path, f"{what} is required")]
-    if not ID_PATTERN.match(value):
+    if not ID_PATTERN.fullmatch(value):
         return [FieldViolation(path, f"{what} {value[:80]!r} is malformed; use {ID_RULE}")]
+    return []
+
+
+def check_id(value: str, path: str, what: str) -> list[FieldViolation]:
+    """Problems with an identifier (sku, location, device, transfer, product)."""
+    return _check_id(value, path, what)
+
+
+def check_text(value: str, path: str, limit: int) -> list[FieldViolation]:
+    """Problems with free text: too long, or holding control characters."""
+    if len(value) > limit:
+        return [FieldViolation(path, f"is {len(value)} characters long; at most {limit} allowed")]
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        return [FieldViolation(path, "must not contain control characters")]
     return []
 
 
@@ -294,7 +313,7 @@ def _check_quantity(value: int, path: str, minimum: int = 1) -> list[FieldViolat
 def _check_reason(value: str, path: str, required: bool) -> list[FieldViolation]:
     if not value:
         return [FieldViolation(path, "a reason code is required")] if required else []
-    if not REASON_PATTERN.match(value):
+    if not REASON_PATTERN.fullmatch(value):
         return [FieldViolation(path, f"{value[:40]!r} is not an UPPER_SNAKE reason code")]
     return []
 
@@ -336,6 +355,9 @@ def _validate_movement(movement: PostMovement, path: str, now: datetime) -> list
         case Receipt():
             problems += _check_quantity(detail.quantity, f"{path}.receipt.quantity")
             problems += _check_state(detail.state, f"{path}.receipt.state", False, _AT_REST)
+            problems += check_text(
+                detail.reference, f"{path}.receipt.reference", MAX_REFERENCE_LENGTH
+            )
         case Adjustment():
             if detail.quantity_delta == 0:
                 problems.append(
@@ -369,10 +391,14 @@ def _validate_movement(movement: PostMovement, path: str, now: datetime) -> list
             problems += _check_state(detail.state, f"{sub}.state", False, _AT_REST)
         case Shipment():
             problems += _check_quantity(detail.quantity, f"{path}.shipment.quantity")
+            problems += check_text(
+                detail.reference, f"{path}.shipment.reference", MAX_REFERENCE_LENGTH
+            )
         case CustomerReturn():
             sub = f"{path}.customer_return"
             problems += _check_quantity(detail.quantity, f"{sub}.quantity")
             problems += _check_state(detail.state, f"{sub}.state", True, _AT_REST)
+            problems += check_text(detail.reference, f"{sub}.reference", MAX_REFERENCE_LENGTH)
         case StateChange():
             sub = f"{path}.state_change"
             problems += _check_quantity(detail.quantity, f"{sub}.quantity")
@@ -707,8 +733,9 @@ class Sku:
     barcode: str = ""
 
 
-MAX_MASTER_BATCH = 1000
-_BARCODE = re.compile(r"^\d{8,14}$")
+MAX_LOCATIONS_PER_REQUEST = 500
+MAX_SKUS_PER_REQUEST = 1000
+_BARCODE = re.compile(r"[0-9]{8,14}")
 
 
 def validate_locations(locations: Sequence[Location]) -> None:
@@ -716,8 +743,10 @@ def validate_locations(locations: Sequence[Location]) -> None:
     problems: list[FieldViolation] = []
     if not locations:
         problems.append(FieldViolation("locations", "must contain at least one location"))
-    if len(locations) > MAX_MASTER_BATCH:
-        problems.append(FieldViolation("locations", f"at most {MAX_MASTER_BATCH} per request"))
+    if len(locations) > MAX_LOCATIONS_PER_REQUEST:
+        problems.append(
+            FieldViolation("locations", f"at most {MAX_LOCATIONS_PER_REQUEST} per request")
+        )
     seen: set[str] = set()
     for index, location in enumerate(locations):
         path = f"locations[{index}]"
@@ -729,6 +758,8 @@ def validate_locations(locations: Sequence[Location]) -> None:
             problems.append(FieldViolation(f"{path}.kind", "store or distribution centre"))
         if not location.name.strip():
             problems.append(FieldViolation(f"{path}.name", "a name is required"))
+        problems += check_text(location.name, f"{path}.name", MAX_NAME_LENGTH)
+        problems += check_text(location.city, f"{path}.city", MAX_SHORT_TEXT_LENGTH)
         if not -90 <= location.latitude <= 90 or not -180 <= location.longitude <= 180:
             problems.append(FieldViolation(f"{path}.position", "latitude/longitude out of range"))
         if location.latitude == 0 and location.longitude == 0:
@@ -744,8 +775,8 @@ def validate_skus(skus: Sequence[Sku]) -> None:
     problems: list[FieldViolation] = []
     if not skus:
         problems.append(FieldViolation("skus", "must contain at least one SKU"))
-    if len(skus) > MAX_MASTER_BATCH:
-        problems.append(FieldViolation("skus", f"at most {MAX_MASTER_BATCH} per request"))
+    if len(skus) > MAX_SKUS_PER_REQUEST:
+        problems.append(FieldViolation("skus", f"at most {MAX_SKUS_PER_REQUEST} per request"))
     seen: set[str] = set()
     for index, sku in enumerate(skus):
         path = f"skus[{index}]"
@@ -756,7 +787,10 @@ def validate_skus(skus: Sequence[Sku]) -> None:
         problems += _check_id(sku.product_id, f"{path}.product_id", "the product id")
         if not sku.name.strip():
             problems.append(FieldViolation(f"{path}.name", "a name is required"))
-        if sku.barcode and not _BARCODE.match(sku.barcode):
+        problems += check_text(sku.name, f"{path}.name", MAX_NAME_LENGTH)
+        problems += check_text(sku.colour, f"{path}.colour", MAX_SHORT_TEXT_LENGTH)
+        problems += check_text(sku.size, f"{path}.size", MAX_SHORT_TEXT_LENGTH)
+        if sku.barcode and not _BARCODE.fullmatch(sku.barcode):
             problems.append(FieldViolation(f"{path}.barcode", "must be 8 to 14 digits"))
     if problems:
         raise InvalidArgument(problems, reason="INVALID_SKUS")

@@ -21,7 +21,7 @@ class StockLedgerServicer(pb_grpc.StockLedgerServiceServicer):
         self, request: pb.PostMovementsRequest, context: Context
     ) -> pb.PostMovementsResponse:
         results = await self._handlers.post_movements(
-            [convert.movement_in(m) for m in request.movements]
+            [convert.movement_in(m, i) for i, m in enumerate(request.movements)]
         )
         return pb.PostMovementsResponse(
             results=[
@@ -33,8 +33,8 @@ class StockLedgerServicer(pb_grpc.StockLedgerServiceServicer):
     async def GetStockLevels(
         self, request: pb.GetStockLevelsRequest, context: Context
     ) -> pb.GetStockLevelsResponse:
-        as_of = convert.timestamp_in(request.as_of, request.HasField("as_of"))
-        states = [s for s in (convert.state_in(v) for v in request.states) if s is not None]
+        as_of = convert.timestamp_in(request.as_of, request.HasField("as_of"), "as_of")
+        states = convert.states_filter(request.states, "states")
         levels = await self._handlers.stock_levels(
             skus=list(request.skus),
             locations=list(request.location_ids),
@@ -66,9 +66,11 @@ class StockLedgerServicer(pb_grpc.StockLedgerServiceServicer):
             sku=request.sku,
             location_id=request.location_id,
             recorded_from=convert.timestamp_in(
-                request.recorded_from, request.HasField("recorded_from")
+                request.recorded_from, request.HasField("recorded_from"), "recorded_from"
             ),
-            recorded_to=convert.timestamp_in(request.recorded_to, request.HasField("recorded_to")),
+            recorded_to=convert.timestamp_in(
+                request.recorded_to, request.HasField("recorded_to"), "recorded_to"
+            ),
             page_size=request.page_size,
             page_token=request.page_token,
         )
@@ -100,7 +102,7 @@ class StockLedgerServicer(pb_grpc.StockLedgerServiceServicer):
     async def ListLocations(
         self, request: pb.ListLocationsRequest, context: Context
     ) -> pb.ListLocationsResponse:
-        found = await self._handlers.locations(convert.location_kind_in(request.kind))
+        found = await self._handlers.locations(convert.location_kind_filter(request.kind))
         return pb.ListLocationsResponse(locations=[convert.location_out(loc) for loc in found])
 
     async def UpsertSkus(

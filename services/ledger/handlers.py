@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from omnistock.db import Connection, Pool, unit_of_work
@@ -80,10 +80,10 @@ class LedgerHandlers:
         recorded: dict[domain.IdempotencyKey, domain.RecordedMovement] = {}
         if fresh:
             new = [m for _, m in fresh]
-            positions = domain.Positions(
-                balances=await storage.lock_balances(conn, domain.lock_order(new)),
-                transfers=await storage.lock_transfers(conn, domain.transfer_keys(new)),
-            )
+            # One global order for every writer: transfer lines first, then balances.
+            transfers = await storage.lock_transfers(conn, domain.transfer_keys(new))
+            balances = await storage.lock_balances(conn, domain.lock_order(new))
+            positions = domain.Positions(balances=balances, transfers=transfers)
             drafts = [(m, positions.apply(m, index)) for index, m in fresh]
             touched = [positions.transfers[k] for k in sorted(positions.touched_transfers)]
             for stored in await storage.record(conn, drafts, touched):
@@ -182,6 +182,17 @@ class LedgerHandlers:
     ) -> list[tuple[domain.StockKey, int, int, datetime]]:
         """On-hand now or at a past time."""
         problems = []
+        if not skus and not locations:
+            problems.append(
+                FieldViolation(
+                    "skus", "give skus, location_ids or both; the whole network is too much"
+                )
+            )
+        for name, values in (("skus", skus), ("location_ids", locations)):
+            for i, value in enumerate(values[:MAX_FILTER_VALUES]):
+                problems += domain.check_id(value, f"{name}[{i}]", "the identifier")
+        if as_of is not None and as_of > datetime.now(UTC):
+            problems.append(FieldViolation("as_of", "is in the future; the ledger cannot know it"))
         if len(skus) > MAX_FILTER_VALUES:
             problems.append(FieldViolation("skus", f"at most {MAX_FILTER_VALUES} SKUs per call"))
         if len(locations) > MAX_FILTER_VALUES:
@@ -214,14 +225,15 @@ class LedgerHandlers:
         problems = []
         if not sku and not location_id:
             problems.append(FieldViolation("sku", "give a sku, a location_id or both"))
+        if sku:
+            problems += domain.check_id(sku, "sku", "the sku")
+        if location_id:
+            problems += domain.check_id(location_id, "location_id", "the location id")
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
             problems.append(FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}"))
-        after = 0
-        if page_token:
-            try:
-                after = int(page_token, 16)
-            except ValueError:
-                problems.append(FieldViolation("page_token", "is not a token this service issued"))
+        after = _sequence_token(page_token) if page_token else 0
+        if after is None:
+            problems.append(FieldViolation("page_token", "is not a token this service issued"))
         if recorded_from and recorded_to and recorded_to <= recorded_from:
             problems.append(FieldViolation("recorded_to", "must be after recorded_from"))
         if problems:
@@ -234,10 +246,10 @@ class LedgerHandlers:
                 location_id=location_id,
                 recorded_from=recorded_from,
                 recorded_to=recorded_to,
-                after_sequence=after,
+                after_sequence=after or 0,
                 limit=limit + 1,
             )
-        next_token = format(rows[limit - 1][0].ledger_sequence, "x") if len(rows) > limit else ""
+        next_token = f"p{rows[limit - 1][0].ledger_sequence:x}" if len(rows) > limit else ""
         return rows[:limit], next_token
 
     async def locations(self, kind: domain.LocationKind | None) -> list[domain.Location]:
@@ -249,8 +261,15 @@ class LedgerHandlers:
         self, *, product_id: str, page_size: int, page_token: str
     ) -> tuple[list[domain.Sku], str]:
         """One page of SKUs and the next page's token."""
+        problems = []
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument([FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}")])
+            problems.append(FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}"))
+        if product_id:
+            problems += domain.check_id(product_id, "product_id", "the product id")
+        if page_token:
+            problems += domain.check_id(page_token, "page_token", "a token this service issued")
+        if problems:
+            raise InvalidArgument(problems)
         limit = page_size or DEFAULT_PAGE_SIZE
         async with self.pool.acquire() as conn:
             rows = await storage.list_skus(
@@ -258,6 +277,17 @@ class LedgerHandlers:
             )
         next_token = rows[limit - 1].sku if len(rows) > limit else ""
         return rows[:limit], next_token
+
+
+def _sequence_token(token: str) -> int | None:
+    """The ledger sequence in a ListMovements page token, or None if it is not one."""
+    if not (token.startswith("p") and 2 <= len(token) <= 17):
+        return None
+    try:
+        sequence = int(token[1:], 16)
+    except ValueError:
+        return None
+    return sequence if 0 < sequence < 2**63 else None
 
 
 def _refuse_reused_keys(

@@ -73,9 +73,24 @@ async def find_movements(
 async def lock_transfers(
     conn: Connection, lines: Sequence[tuple[str, str]]
 ) -> dict[tuple[str, str], TransferLine]:
-    """Lock existing transfer lines (in the given, sorted order) and return them."""
+    """Lock transfer lines (in the given, sorted order), existing or not, and return those
+    that exist.
+
+    A row lock cannot lock a line that does not exist yet, and two batches may
+    create the same line at once; a transaction-scoped advisory lock per
+    (transfer, sku) serialises them, so the second sees the first's line.
+    """
     if not lines:
         return {}
+    await conn.execute(
+        """
+        SELECT pg_advisory_xact_lock(hashtextextended('omni-transfer:' || t || '/' || s, 0))
+        FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(t, s, n)
+        ORDER BY n
+        """,
+        [line[0] for line in lines],
+        [line[1] for line in lines],
+    )
     rows = await conn.fetch(
         """
         SELECT t.* FROM ledger.transfers t

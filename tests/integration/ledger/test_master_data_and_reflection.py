@@ -31,7 +31,6 @@ def location(location_id: str, name: str) -> res.Location:
         city="Utrecht",
         position=types_pb2.GeoPoint(latitude=52.09, longitude=5.12),
         capabilities=res.LocationCapabilities(click_and_collect=True, daily_capacity=40),
-        active=True,
     )
 
 

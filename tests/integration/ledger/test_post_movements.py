@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
 import grpc
@@ -178,6 +178,43 @@ BAD_BATCHES: dict[str, tuple[BuildBatch, grpc.StatusCode, str | None]] = {
         ],
         grpc.StatusCode.FAILED_PRECONDITION,
         None,
+    ),
+    "reference longer than 128 characters": (
+        lambda n, sku, loc: [
+            res.MovementInput(
+                key=n.next_key(), sku=sku, location_id=loc,
+                receipt=res.Receipt(quantity=1, reference="x" * 129),
+            )
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "movements[0].receipt.reference",
+    ),
+    "NUL character in a reference": (
+        lambda n, sku, loc: [
+            res.MovementInput(
+                key=n.next_key(), sku=sku, location_id=loc,
+                shipment=res.Shipment(quantity=1, reference="ORDER\x001"),
+            )
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "movements[0].shipment.reference",
+    ),
+    "device id with a trailing newline": (
+        lambda n, sku, loc: [
+            receipt(res.IdempotencyKey(device_id=n.device + "\n", sequence=1), sku, loc, 1)
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "movements[0].key.device_id",
+    ),
+    "occurred_at outside the timestamp range": (
+        lambda n, sku, loc: [
+            res.MovementInput(
+                key=n.next_key(), sku=sku, location_id=loc, receipt=res.Receipt(quantity=1),
+                occurred_at=Timestamp(seconds=10**13),
+            )
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "movements[0].occurred_at",
     ),
     "receiving a transfer that was never sent": (
         lambda n, sku, loc: [
@@ -447,4 +484,89 @@ async def test_history_pages_in_ledger_order(ledger: Stub, network: Network) -> 
     assert [row.posting.on_hand_after for row in rows] == [1, 3, 6, 10, 15, 21, 28]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await ledger.ListMovements(pb.ListMovementsRequest(page_size=3))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_concurrent_first_transfers_on_different_routes_cannot_both_win(
+    ledger: Stub, network: Network
+) -> None:
+    a, b, c, d = await network.locations(4)
+    [sku] = await network.skus(1)
+    await ledger.PostMovements(
+        pb.PostMovementsRequest(
+            movements=[receipt(network.next_key(), sku, loc, 500) for loc in (a, c)]
+        )
+    )
+    pairs = 15
+
+    def send(transfer: str, source: str, destination: str, quantity: int) -> Awaitable[object]:
+        request = pb.PostMovementsRequest(
+            movements=[
+                res.MovementInput(
+                    key=network.next_key(), sku=sku, location_id=source,
+                    transfer_out=res.TransferOut(
+                        transfer_id=transfer, destination_location_id=destination,
+                        quantity=quantity,
+                    ),
+                )
+            ]
+        )  # fmt: skip
+        return ledger.PostMovements(request)
+
+    # Two systems reuse each transfer number on different routes, at the same moment.
+    calls = []
+    for n in range(pairs):
+        calls += [send(f"TR-{network.tag}-{n}", a, b, 10), send(f"TR-{network.tag}-{n}", c, d, 3)]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+
+    for n in range(pairs):
+        first, second = outcomes[2 * n], outcomes[2 * n + 1]
+        lost = [o for o in (first, second) if isinstance(o, grpc.aio.AioRpcError)]
+        assert len(lost) == 1, f"transfer {n}: both routes were accepted"
+        info = failure(lost[0]).info
+        assert info is not None and info.reason == "TRANSFER_ROUTE_MISMATCH"
+    # Whatever won, what is in transit is exactly what the winners sent.
+    winners_ab = sum(1 for o in outcomes[0::2] if isinstance(o, pb.PostMovementsResponse))
+    in_transit_b = await on_hand(ledger, sku, b, types_pb2.STOCK_STATE_IN_TRANSIT)
+    in_transit_d = await on_hand(ledger, sku, d, types_pb2.STOCK_STATE_IN_TRANSIT)
+    assert (in_transit_b, in_transit_d) == (10 * winners_ab, 3 * (pairs - winners_ab))
+    for n in range(pairs):
+        won_ab = isinstance(outcomes[2 * n], pb.PostMovementsResponse)
+        destination, quantity = (b, 10) if won_ab else (d, 3)
+        arrive = res.MovementInput(
+            key=network.next_key(), sku=sku, location_id=destination,
+            transfer_in=res.TransferIn(transfer_id=f"TR-{network.tag}-{n}", quantity=quantity),
+        )  # fmt: skip
+        await ledger.PostMovements(pb.PostMovementsRequest(movements=[arrive]))
+    assert await on_hand(ledger, sku, b) + await on_hand(ledger, sku, d) == in_transit_b + (
+        in_transit_d
+    )
+
+
+QUERY_ERRORS = {
+    "unknown stock state filter": pb.GetStockLevelsRequest(
+        skus=["A"], states=[types_pb2.StockState.ValueType(99)]
+    ),
+    "unspecified stock state filter": pb.GetStockLevelsRequest(
+        skus=["A"], states=[types_pb2.STOCK_STATE_UNSPECIFIED]
+    ),
+    "no filter at all": pb.GetStockLevelsRequest(),
+    "as of in the future": pb.GetStockLevelsRequest(
+        skus=["A"], as_of=Timestamp(seconds=4_000_000_000)
+    ),
+    "malformed sku filter": pb.GetStockLevelsRequest(skus=["A\x00"]),
+}
+
+
+@pytest.mark.parametrize("case", list(QUERY_ERRORS), ids=list(QUERY_ERRORS))
+async def test_bad_stock_queries_are_invalid_argument(ledger: Stub, case: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ledger.GetStockLevels(QUERY_ERRORS[case])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("token", ["ffffffffffffffffffff", "p-1", "p0", "12", "pzz"])
+async def test_foreign_page_tokens_are_invalid_argument(ledger: Stub, token: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ledger.ListMovements(pb.ListMovementsRequest(sku="A", page_token=token))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
