@@ -8,7 +8,7 @@ writer just committed).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import TypeAlias, TypeVar
 
 import asyncpg
@@ -24,7 +24,6 @@ Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
 _RETRYABLE = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
-    asyncpg.exceptions.UniqueViolationError,
 )
 
 
@@ -44,11 +43,15 @@ async def unit_of_work(
     work: Callable[[Connection], Awaitable[T]],
     *,
     attempts: int = 5,
+    retry_unique: Collection[str] = (),
 ) -> T:
     """Run ``work`` in one transaction, retrying it whole on a transient conflict.
 
     ``work`` must be safe to run again from the start: everything it did in a
-    failed attempt was rolled back with the transaction.
+    failed attempt was rolled back with the transaction. ``retry_unique`` names
+    the unique constraints a concurrent writer may win (an idempotency key
+    posted twice at once): the retry then finds the winner's row. Any other
+    unique violation is a bug and is raised as it is.
     """
     last: Exception | None = None
     for _ in range(attempts):
@@ -56,6 +59,10 @@ async def unit_of_work(
             async with pool.acquire() as conn, conn.transaction():
                 return await work(conn)
         except _RETRYABLE as exc:
+            last = exc
+        except asyncpg.exceptions.UniqueViolationError as exc:
+            if exc.constraint_name not in retry_unique:
+                raise
             last = exc
     raise Aborted(
         "CONCURRENT_UPDATE",

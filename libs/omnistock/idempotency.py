@@ -17,6 +17,9 @@ from omnistock.errors import AlreadyExists, FieldViolation, InvalidArgument
 T = TypeVar("T")
 
 MAX_REQUEST_ID_LENGTH = 128
+# Two concurrent first attempts with one request id meet on this key; pass it
+# to ``unit_of_work(retry_unique=...)`` so the loser retries and replays.
+IDEMPOTENCY_KEY_CONSTRAINT = "idempotency_keys_pkey"
 
 
 def digest(content: bytes) -> bytes:

@@ -10,16 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from google.protobuf.message import Message
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from omnistock.db import Pool, create_pool
 from omnistock.grpc.server import GrpcServer, ServiceBinding, start_grpc_server
 from omnistock.logs import configure_logging, get_logger
-from omnistock.messaging.consumer import EventConsumer
+from omnistock.messaging.consumer import EventConsumer, EventHandler
 from omnistock.messaging.outbox import OutboxRelay
 from omnistock.metrics import MetricsEndpoint, serve_metrics
 from omnistock.migrations import MigrationSet
@@ -37,6 +38,28 @@ class ServiceContext:
     pool: Pool
     nats: Client
     js: JetStreamContext
+
+
+def consumer(
+    context: ServiceContext,
+    *,
+    name: str,
+    stream: str,
+    subjects: Sequence[str],
+    schema: str,
+    handlers: Mapping[type[Message], EventHandler],
+) -> EventConsumer:
+    """An idempotent consumer wired to the service's pool, JetStream and settings."""
+    return EventConsumer(
+        name=name,
+        stream=stream,
+        subjects=subjects,
+        schema=schema,
+        handlers=handlers,
+        pool=context.pool,
+        js=context.js,
+        max_deliveries=context.settings.consumer_max_deliveries,
+    )
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,25 @@ class RunningService:
     tasks: list[asyncio.Task[None]]
     metrics_endpoint: MetricsEndpoint | None
 
+    stopping: bool = False
+    _unhealthy: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
+
+    def background_task_ended(self, task: asyncio.Task[None]) -> None:
+        """A relay or consumer must run until stop; if one ends early, stop serving.
+
+        Health turns NOT_SERVING so the orchestrator restarts the process instead
+        of leaving a service up whose events silently stopped flowing.
+        """
+        if self.stopping or task.cancelled():
+            return
+        log.critical(
+            "service.background_task_ended",
+            service=self.spec.name,
+            task=task.get_name(),
+            error=repr(task.exception()),
+        )
+        self._unhealthy = asyncio.ensure_future(self.grpc.set_not_serving())
+
     @property
     def grpc_port(self) -> int:
         """The port the gRPC server listens on."""
@@ -75,8 +117,9 @@ class RunningService:
 
     async def stop(self) -> None:
         """Graceful shutdown; safe to call once."""
+        self.stopping = True
         settings = self.context.settings
-        await self.grpc.stop(settings.grpc_shutdown_grace_seconds)
+        await self.grpc.stop(settings.grpc_shutdown_grace_seconds, settings.grpc_drain_seconds)
         for consumer in self.consumers:
             consumer.stop()
         self.relay.stop()
@@ -135,9 +178,12 @@ async def start_service(
             settings.metrics_host,
             settings.metrics_port(spec.name) if metrics_port is None else metrics_port,
         )
+    running = RunningService(spec, context, server, relay, consumers, tasks, endpoint)
+    for task in tasks:
+        task.add_done_callback(running.background_task_ended)
     log.info("service.started", service=spec.name, grpc_port=server.port,
              metrics_port=endpoint.port if endpoint else None)  # fmt: skip
-    return RunningService(spec, context, server, relay, consumers, tasks, endpoint)
+    return running
 
 
 def run_forever(spec: ServiceSpec) -> None:

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     db_pool_min_size: int = 2
     db_pool_max_size: int = 10
     grpc_shutdown_grace_seconds: float = 10.0
+    # Seconds between turning health NOT_SERVING and refusing calls, so load
+    # balancers stop routing first (5 in Kubernetes; 0 locally).
+    grpc_drain_seconds: float = 0.0
     outbox_poll_interval_seconds: float = 1.0
     outbox_batch_size: int = 256
     outbox_retention_hours: float = 24.0

@@ -2,10 +2,14 @@
 
 Three independent checks over the whole database, each naming offending rows:
 1. every balance equals the sum of its postings (and every key with postings
-   has a balance);
+   has a balance), and its version is the version of its last posting;
 2. every posting's running balance equals the previous one plus its delta, and
    balance versions count 1, 2, 3, ... without gaps;
-3. every balance's version is the version of its last posting.
+3. every movement has the postings its kind prescribes: their number, their
+   SKU and location, a zero sum for transfers and state changes, and for a cycle
+   count a running balance equal to the counted quantity;
+4. stock in transit at each location equals what open transfers sent there and
+   it has not received.
 """
 
 from __future__ import annotations
@@ -72,6 +76,44 @@ ORDER BY sku, location_id, state, balance_version
 """
 
 
+_MOVEMENT_CHECK = """
+WITH shape AS (
+    SELECT m.movement_id, m.kind, m.sku, m.location_id, m.counterpart_location_id,
+           m.counted_quantity,
+           count(p.*) AS postings,
+           coalesce(sum(p.quantity_delta), 0) AS net,
+           bool_and(p.sku = m.sku) AS same_sku,
+           bool_and(p.location_id IN (m.location_id, m.counterpart_location_id)) AS same_places,
+           max(p.on_hand_after) FILTER (WHERE m.kind = 'cycle_count') AS counted_after,
+           min(p.state) AS state
+    FROM ledger.movements m LEFT JOIN ledger.postings p USING (movement_id)
+    GROUP BY m.movement_id
+)
+SELECT * FROM shape
+WHERE postings <> CASE WHEN kind IN ('transfer_out', 'transfer_in', 'state_change')
+                       THEN 2 ELSE 1 END
+   OR NOT coalesce(same_sku, false) OR NOT coalesce(same_places, false)
+   OR (kind IN ('transfer_out', 'transfer_in', 'state_change') AND net <> 0)
+   OR (kind = 'cycle_count' AND counted_after IS DISTINCT FROM counted_quantity)
+ORDER BY sku, location_id, movement_id
+"""
+
+_TRANSIT_CHECK = """
+WITH open_transfers AS (
+    SELECT sku, destination_location_id AS location_id,
+           sum(quantity_sent - quantity_received) AS open
+    FROM ledger.transfers GROUP BY 1, 2
+), transit AS (
+    SELECT sku, location_id, on_hand FROM ledger.balances WHERE state = 'in_transit'
+)
+SELECT coalesce(t.sku, o.sku) AS sku, coalesce(t.location_id, o.location_id) AS location_id,
+       coalesce(t.on_hand, 0) AS on_hand, coalesce(o.open, 0) AS open
+FROM transit t FULL OUTER JOIN open_transfers o USING (sku, location_id)
+WHERE coalesce(t.on_hand, 0) <> coalesce(o.open, 0)
+ORDER BY 1, 2
+"""
+
+
 async def audit(conn: Connection) -> AuditReport:
     """Run every check in one snapshot (REPEATABLE READ), so concurrent writes cannot
     produce false findings."""
@@ -102,6 +144,33 @@ async def audit(conn: Connection) -> AuditReport:
                     f"posting #{row['ledger_sequence']} (version {row['balance_version']}, "
                     f"delta {row['quantity_delta']}) says on hand {row['on_hand_after']}, "
                     f"expected {row['expected_after']} at version {row['expected_version']}",
+                )
+            )
+        for row in await conn.fetch(_MOVEMENT_CHECK):
+            findings.append(
+                AuditFinding(
+                    "movement",
+                    row["sku"],
+                    row["location_id"],
+                    row["state"] or "-",
+                    f"{row['kind']} {row['movement_id']} has {row['postings']} posting(s) "
+                    f"netting {row['net']}"
+                    + (
+                        f", count {row['counted_quantity']} but on hand after "
+                        f"{row['counted_after']}"
+                        if row["kind"] == "cycle_count"
+                        else ""
+                    ),
+                )
+            )
+        for row in await conn.fetch(_TRANSIT_CHECK):
+            findings.append(
+                AuditFinding(
+                    "in-transit",
+                    row["sku"],
+                    row["location_id"],
+                    "in_transit",
+                    f"{row['on_hand']} in transit but open transfers sent {row['open']}",
                 )
             )
     return AuditReport(int(balances), int(postings), findings)

@@ -16,7 +16,12 @@ from typing import TypeVar
 
 from omnistock.db import Connection, Pool, unit_of_work
 from omnistock.errors import AlreadyExists, DomainError, FieldViolation, InvalidArgument
-from omnistock.idempotency import digest, once, require_request_id
+from omnistock.idempotency import (
+    IDEMPOTENCY_KEY_CONSTRAINT,
+    digest,
+    once,
+    require_request_id,
+)
 from omnistock.messaging import outbox
 from omnistock.messaging.envelope import OutgoingEvent
 from services.ledger import convert, domain, storage
@@ -29,6 +34,8 @@ PRODUCER = "ledger"
 STOCK_MOVED_SUBJECT = "omni.ledger.stock.moved"
 LOCATION_UPSERTED_SUBJECT = "omni.ledger.location.upserted"
 SKU_UPSERTED_SUBJECT = "omni.ledger.sku.upserted"
+# Two scanners' first posts of one key meet on this constraint (see migrations).
+MOVEMENT_KEY_CONSTRAINT = "movements_idempotency_key"
 MAX_FILTER_VALUES = 1000
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -49,7 +56,11 @@ class LedgerHandlers:
         ledger_metrics.BATCH_SIZE.observe(len(movements))
         try:
             validated = domain.validate_batch(movements)
-            results = await unit_of_work(self.pool, lambda conn: self._post(conn, validated))
+            results = await unit_of_work(
+                self.pool,
+                lambda conn: self._post(conn, validated),
+                retry_unique={MOVEMENT_KEY_CONSTRAINT},
+            )
         except DomainError as error:
             ledger_metrics.REJECTED_BATCHES.labels(error.reason).inc()
             raise
@@ -167,7 +178,7 @@ class LedgerHandlers:
                 decode=lambda _: None,
             )
 
-        await unit_of_work(self.pool, work)
+        await unit_of_work(self.pool, work, retry_unique={IDEMPOTENCY_KEY_CONSTRAINT})
 
     # -- queries ----------------------------------------------------------
 

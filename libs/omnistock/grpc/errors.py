@@ -28,6 +28,10 @@ from omnistock.errors import (
 
 D = TypeVar("D", bound=Message)
 
+# Rich details travel in trailing metadata, which clients cap (16 KB by default):
+# name the first problems and count the rest.
+MAX_FIELD_VIOLATIONS = 50
+
 _CODES: list[tuple[type[DomainError], int]] = [
     (InvalidArgument, code_pb2.INVALID_ARGUMENT),
     (NotFound, code_pb2.NOT_FOUND),
@@ -45,7 +49,7 @@ def to_status(error: DomainError) -> grpc.Status:
     info = any_pb2.Any()
     info.Pack(
         error_details_pb2.ErrorInfo(
-            reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+            reason=error.reason, domain=ERROR_DOMAIN, metadata=_metadata(error)
         )
     )
     details.append(info)
@@ -57,7 +61,7 @@ def to_status(error: DomainError) -> grpc.Status:
                     error_details_pb2.BadRequest.FieldViolation(
                         field=v.field, description=v.description
                     )
-                    for v in error.violations
+                    for v in error.violations[:MAX_FIELD_VIOLATIONS]
                 ]
             )
         )
@@ -66,6 +70,13 @@ def to_status(error: DomainError) -> grpc.Status:
         status_pb2.Status(code=code, message=error.message, details=details)
     )
     return status
+
+
+def _metadata(error: DomainError) -> dict[str, str]:
+    metadata = dict(error.metadata)
+    if isinstance(error, InvalidArgument) and len(error.violations) > MAX_FIELD_VIOLATIONS:
+        metadata["violations_shown"] = str(MAX_FIELD_VIOLATIONS)
+    return metadata
 
 
 def internal_status(message: str = "Internal error; it has been logged.") -> grpc.Status:

@@ -8,6 +8,7 @@ Streaming responses are wrapped, never awaited whole.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -31,18 +32,17 @@ def _split(method_name: str) -> tuple[str, str]:
     return service, method
 
 
-def _code_name(context: Context, failed: bool) -> str:
+def _code_name(context: Context, error: BaseException | None) -> str:
     code = context.code()
     if code is None:
-        return "UNKNOWN" if failed else "OK"
+        if error is None:
+            return "OK"
+        # The client cancelled or its deadline passed: not a server error.
+        return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNKNOWN"
     if isinstance(code, grpc.StatusCode):
         return str(code.name)
-    return grpc.StatusCode(code).name if not isinstance(code, int) else _from_int(code)
-
-
-def _from_int(value: int) -> str:
     for status in grpc.StatusCode:
-        if status.value[0] == value:
+        if status.value[0] == code:
             return str(status.name)
     return "UNKNOWN"
 
@@ -64,14 +64,14 @@ class MetricsInterceptor(AsyncServerInterceptor):
             return self._stream(response, context, service, rpc, started)
         grpc_type = "unary"
         metrics.GRPC_STARTED.labels(grpc_type, service, rpc).inc()
-        failed = False
+        error: BaseException | None = None
         try:
             return await response
-        except BaseException:
-            failed = True
+        except BaseException as raised:
+            error = raised
             raise
         finally:
-            self._done(context, grpc_type, service, rpc, started, failed)
+            self._done(context, grpc_type, service, rpc, started, error)
 
     async def _stream(
         self,
@@ -84,16 +84,16 @@ class MetricsInterceptor(AsyncServerInterceptor):
         grpc_type = "server_stream"
         metrics.GRPC_STARTED.labels(grpc_type, service, rpc).inc()
         sent = metrics.GRPC_MSG_SENT.labels(grpc_type, service, rpc)
-        failed = False
+        error: BaseException | None = None
         try:
             async for item in response:
                 sent.inc()
                 yield item
-        except BaseException:
-            failed = True
+        except BaseException as raised:
+            error = raised
             raise
         finally:
-            self._done(context, grpc_type, service, rpc, started, failed)
+            self._done(context, grpc_type, service, rpc, started, error)
 
     @staticmethod
     def _done(
@@ -102,9 +102,9 @@ class MetricsInterceptor(AsyncServerInterceptor):
         service: str,
         rpc: str,
         started: float,
-        failed: bool,
+        error: BaseException | None,
     ) -> None:
-        metrics.GRPC_HANDLED.labels(grpc_type, service, rpc, _code_name(context, failed)).inc()
+        metrics.GRPC_HANDLED.labels(grpc_type, service, rpc, _code_name(context, error)).inc()
         metrics.GRPC_HANDLING_SECONDS.labels(grpc_type, service, rpc).observe(
             time.perf_counter() - started
         )

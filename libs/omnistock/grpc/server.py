@@ -8,6 +8,7 @@ in-flight calls get ``grace`` seconds to finish.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,9 +49,17 @@ class GrpcServer:
         for name in ["", *self._names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace: float) -> None:
-        """Turn health NOT_SERVING, then stop, letting in-flight calls finish."""
+    async def set_not_serving(self) -> None:
+        """Report NOT_SERVING for the whole server and every service."""
+        for name in ["", *self._names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self, grace: float, drain: float = 0.0) -> None:
+        """Turn health NOT_SERVING, keep serving ``drain`` seconds so load balancers
+        notice, then stop accepting calls and give in-flight ones ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
+        if drain > 0:
+            await asyncio.sleep(drain)
         await self.server.stop(grace)
         log.info("grpc.stopped", port=self.port)
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import nats.errors
 from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
@@ -25,6 +26,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from omni.common.v1 import event_pb2
 from omnistock import metrics
 from omnistock.db import Connection, Pool, unit_of_work
+from omnistock.errors import Aborted
 from omnistock.logs import correlation_scope, get_logger
 from omnistock.messaging.envelope import MSG_ID_HEADER, occurred_at
 
@@ -32,6 +34,20 @@ log = get_logger(__name__)
 
 EventHandler = Callable[[Connection, event_pb2.EventEnvelope, Any], Awaitable[None]]
 DLQ_SUBJECT_PREFIX = "omni.dlq"
+
+
+# Failures of the infrastructure, not of the message: a database failover or a
+# lost connection must not send good events to the dead-letter stream.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    Aborted,
+)
 
 
 class PoisonMessage(Exception):

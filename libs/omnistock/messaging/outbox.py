@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from nats.js import JetStreamContext
 
 from omnistock import metrics
@@ -77,29 +78,28 @@ class OutboxRelay:
         self._lock_key = zlib.crc32(f"omni-outbox:{schema}".encode())
         self._labels = {"service": schema}
         self._backlog_reported_at = 0.0
+        self._channel = f"omni_outbox_{schema}"
 
     async def run(self) -> None:
-        """Relay until :meth:`stop` is called. Errors are logged, counted and retried."""
-        listener = await self._pool.acquire()
-        channel = f"omni_outbox_{self._schema}"
-        await listener.add_listener(channel, self._on_notify)
+        """Relay until :meth:`stop` is called, then publish what is left once more.
+
+        Errors are logged, counted and retried; the relay never gives up. It is
+        woken by NOTIFY when a transaction with events commits and polls every
+        ``poll_interval`` seconds in case a notification was missed (for example
+        while its listening connection was being re-established).
+        """
+        listener: PoolConnectionProxy[asyncpg.Record] | None = None
         last_prune = 0.0
         try:
             while not self._stopping.is_set():
-                try:
-                    published = await self.relay_once()
-                    if time.monotonic() - last_prune > 60:
-                        await self.prune()
-                        last_prune = time.monotonic()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    metrics.OUTBOX_PUBLISH_ERRORS.labels(**self._labels).inc()
-                    log.exception("outbox.relay_failed", schema=self._schema)
-                    published = 0
+                self._wake.clear()  # a NOTIFY during this cycle wakes the next one
+                listener = await self._listen(listener)
+                published = await self._cycle()
+                if time.monotonic() - last_prune > 60:
+                    await self._guarded(self.prune)
+                    last_prune = time.monotonic()
                 if published >= self._batch_size:
                     continue  # more waiting: go again without sleeping
-                self._wake.clear()
                 waiter = asyncio.ensure_future(self._wake.wait())
                 stopper = asyncio.ensure_future(self._stopping.wait())
                 await asyncio.wait(
@@ -109,9 +109,45 @@ class OutboxRelay:
                 )
                 waiter.cancel()
                 stopper.cancel()
+            # Events committed by calls that finished during shutdown.
+            while await self._cycle() >= self._batch_size:
+                pass
         finally:
-            await listener.remove_listener(channel, self._on_notify)
-            await self._pool.release(listener)
+            if listener is not None and not listener.is_closed():
+                await self._guarded(
+                    lambda: listener.remove_listener(self._channel, self._on_notify)
+                )
+                await self._pool.release(listener)
+
+    async def _listen(
+        self, listener: PoolConnectionProxy[asyncpg.Record] | None
+    ) -> PoolConnectionProxy[asyncpg.Record] | None:
+        # (Re)establish the LISTEN connection; without it the relay still polls.
+        if listener is not None and not listener.is_closed():
+            return listener
+        try:
+            connection = await self._pool.acquire()
+            await connection.add_listener(self._channel, self._on_notify)
+            return connection
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            log.warning("outbox.listen_failed", schema=self._schema, error=repr(error))
+            return None
+
+    async def _cycle(self) -> int:
+        try:
+            return await self.relay_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            metrics.OUTBOX_PUBLISH_ERRORS.labels(**self._labels).inc()
+            log.exception("outbox.relay_failed", schema=self._schema)
+            return 0
+
+    async def _guarded(self, action: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await action()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            log.warning("outbox.maintenance_failed", schema=self._schema, error=repr(error))
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the current cycle."""

@@ -48,7 +48,7 @@ BEGIN
             request_hash  bytea       NOT NULL,
             response      bytea       NOT NULL,
             created_at    timestamptz NOT NULL DEFAULT now(),
-            PRIMARY KEY (method, request_id)
+            CONSTRAINT idempotency_keys_pkey PRIMARY KEY (method, request_id)
         );
     $ddl$, target_schema);
 END

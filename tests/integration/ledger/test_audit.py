@@ -124,3 +124,54 @@ async def test_movements_and_postings_are_append_only(isolated_dsn: str, stateme
         assert await pool.fetchval("SELECT count(*) FROM ledger.postings") == 10
     finally:
         await pool.close()
+
+
+async def test_the_audit_catches_units_created_by_editing_a_transfer_consistently(
+    isolated_dsn: str,
+) -> None:
+    """Sum and running balance still agree, but the transfer no longer nets to zero."""
+    pool = await seeded(isolated_dsn)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(
+            "UPDATE ledger.postings p SET quantity_delta = quantity_delta + 2, "
+            "on_hand_after = on_hand_after + 2 FROM ledger.movements m "
+            "WHERE p.movement_id = m.movement_id AND m.kind = 'transfer_out' "
+            "AND p.location_id = 'store-a'"
+        )
+        # Later postings of the same stock are shifted too, so the chain still holds.
+        await conn.execute(
+            "UPDATE ledger.postings SET on_hand_after = on_hand_after + 2 "
+            "WHERE sku = 'SKU-1' AND location_id = 'store-a' AND state = 'sellable' "
+            "AND balance_version > 2"
+        )
+        await conn.execute(
+            "UPDATE ledger.balances SET on_hand = on_hand + 2 "
+            "WHERE sku = 'SKU-1' AND location_id = 'store-a' AND state = 'sellable'"
+        )
+    async with pool.acquire() as conn:
+        report = await audit(conn)
+    await pool.close()
+
+    assert {f.check for f in report.findings} == {"movement"}
+    assert "transfer_out" in str(report.findings[0])
+    assert "netting 2" in str(report.findings[0])
+
+
+async def test_the_audit_catches_a_transfer_line_that_disagrees_with_stock_in_transit(
+    isolated_dsn: str,
+) -> None:
+    pool = await seeded(isolated_dsn)
+    await pool.execute(
+        "INSERT INTO ledger.transfers (transfer_id, sku, source_location_id, "
+        "destination_location_id, quantity_sent, quantity_received) "
+        "VALUES ('TR-GHOST', 'SKU-2', 'store-a', 'store-b', 4, 0)"
+    )
+    async with pool.acquire() as conn:
+        report = await audit(conn)
+    await pool.close()
+
+    assert [(f.check, f.sku, f.location_id) for f in report.findings] == [
+        ("in-transit", "SKU-2", "store-b")
+    ]
+    assert "0 in transit but open transfers sent 4" in str(report.findings[0])

@@ -570,3 +570,23 @@ async def test_foreign_page_tokens_are_invalid_argument(ledger: Stub, token: str
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await ledger.ListMovements(pb.ListMovementsRequest(sku="A", page_token=token))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_batch_with_hundreds_of_problems_still_gets_a_readable_invalid_argument(
+    ledger: Stub, network: Network
+) -> None:
+    [store] = await network.locations(1)
+    [sku] = await network.skus(1)
+    bad = [
+        receipt(res.IdempotencyKey(device_id="", sequence=n + 1), sku, store, 0) for n in range(500)
+    ]
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ledger.PostMovements(pb.PostMovementsRequest(movements=bad))
+
+    rejected = failure(caught.value)
+    assert rejected.code == grpc.StatusCode.INVALID_ARGUMENT  # not RESOURCE_EXHAUSTED
+    assert len(rejected.violations) == 50
+    assert rejected.info is not None
+    assert rejected.info.metadata["violations"] == "1000"
+    assert rejected.info.metadata["violations_shown"] == "50"

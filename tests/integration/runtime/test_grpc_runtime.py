@@ -96,3 +96,32 @@ async def test_stopping_lets_in_flight_calls_finish_and_refuses_new_ones(
 
     assert all(isinstance(r, pb.ListLocationsResponse) for r in results), results
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_background_task_that_dies_turns_the_service_not_serving(
+    settings: Settings,
+) -> None:
+    from grpc_health.v1 import health_pb2
+
+    service = await start_service(LEDGER, settings, grpc_port=0, serve_metrics_endpoint=False)
+    try:
+
+        async def crashing_consumer() -> None:
+            raise RuntimeError("lost its stream for good")
+
+        task = asyncio.create_task(crashing_consumer(), name="test-consumer")
+        with pytest.raises(RuntimeError):
+            await task
+        service.background_task_ended(task)
+        await asyncio.sleep(0.1)
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            reply = await check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await service.stop()
