@@ -4,7 +4,8 @@ Handlers call :func:`append` on the connection of their unit of work. The
 :class:`OutboxRelay` publishes committed rows to JetStream in commit order with
 ``Nats-Msg-Id`` set to the event id, then marks them published. A crash between
 publishing and marking republishes the same event ids, which JetStream drops as
-duplicates within the stream's duplicate window, so every event lands once.
+duplicates within the stream's duplicate window (15 minutes), so every event
+lands once.
 Several relay replicas may run: a transaction-scoped advisory lock lets one of
 them publish at a time, which keeps commit order.
 """
@@ -28,6 +29,9 @@ from omnistock.messaging.envelope import MSG_ID_HEADER, OutgoingEvent, wrap
 
 log = get_logger(__name__)
 
+# Far below NATS's default max_payload (1 MB), so any server configuration takes it.
+MAX_ENVELOPE_BYTES = 256 * 1024
+
 
 async def append(
     conn: Connection, schema: str, producer: str, events: Sequence[OutgoingEvent]
@@ -39,6 +43,14 @@ async def append(
     if not events:
         return []
     envelopes = [wrap(event, producer) for event in events]
+    for envelope in envelopes:
+        # A row the relay can never publish would hold up every later event of the
+        # schema; callers bound their fields, and this keeps the promise checked.
+        if envelope.ByteSize() > MAX_ENVELOPE_BYTES:
+            raise ValueError(
+                f"{envelope.event_type} event of {envelope.ByteSize()} bytes exceeds "
+                f"{MAX_ENVELOPE_BYTES}; bound the fields that feed it"
+            )
     await conn.execute(
         f"""
         INSERT INTO {schema}.outbox (event_id, subject, envelope)
