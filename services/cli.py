@@ -15,7 +15,9 @@ from omnistock.db import create_pool
 from omnistock.devstack.stack import EmbeddedStack, embedded_database_url
 from omnistock.devstack.supervisor import ServiceProcess
 from omnistock.logs import configure_logging
+from omnistock.messaging.dead_letters import read_dead_letters, replay
 from omnistock.migrations import migrate, runtime_migrations
+from omnistock.nats_client import connect
 from omnistock.settings import Settings
 from services.demo import load_demo, read_demo
 from services.ledger.audit import audit
@@ -25,9 +27,11 @@ app = typer.Typer(help="Omnistock: real-time inventory and order routing.", no_a
 dev = typer.Typer(help="The local development stack.", no_args_is_help=True)
 ledger = typer.Typer(help="Stock ledger operations.", no_args_is_help=True)
 demo = typer.Typer(help="Demo data.", no_args_is_help=True)
+dlq = typer.Typer(help="Dead letters: events a consumer gave up on.", no_args_is_help=True)
 app.add_typer(dev, name="dev")
 app.add_typer(ledger, name="ledger")
 app.add_typer(demo, name="demo")
+app.add_typer(dlq, name="dlq")
 
 
 @dev.command("run")
@@ -134,6 +138,54 @@ def demo_load(
         async with grpc.aio.insecure_channel(ledger_address) as channel:
             summary = await load_demo(channel, read_demo())
         typer.echo(f"{summary}")
+
+    asyncio.run(run())
+
+
+def _nats_url(settings: Settings) -> str:
+    # Without a configured NATS, talk to the one a running `omni dev run` serves.
+    return settings.nats_url or f"nats://127.0.0.1:{settings.dev_nats_port}"
+
+
+@dlq.command("list")
+def dlq_list(
+    consumer: Annotated[str | None, typer.Option(help="Only this consumer's letters.")] = None,
+    last: Annotated[int, typer.Option(help="How many of the newest letters.")] = 20,
+) -> None:
+    """Show the newest dead letters with the consumer, subject, deliveries and error."""
+    settings = Settings()
+
+    async def run() -> None:
+        client = await connect(_nats_url(settings), name="omnistock-dlq")
+        try:
+            letters = await read_dead_letters(client.jetstream(), consumer=consumer, last=last)
+        finally:
+            await client.close()
+        for letter in letters:
+            typer.echo(
+                f"#{letter.sequence} consumer={letter.consumer} subject={letter.original_subject} "
+                f"stream_seq={letter.original_stream_sequence} deliveries={letter.deliveries} "
+                f"event={letter.event_type} {letter.event_id}\n    error: {letter.error}"
+            )
+        typer.echo(f"{len(letters)} dead letter(s)")
+
+    asyncio.run(run())
+
+
+@dlq.command("replay")
+def dlq_replay(
+    sequence: Annotated[int, typer.Argument(help="The dead letter's sequence (from `list`).")],
+) -> None:
+    """Publish a dead letter to its original subject again, once its cause is fixed."""
+    settings = Settings()
+
+    async def run() -> None:
+        client = await connect(_nats_url(settings), name="omnistock-dlq")
+        try:
+            letter = await replay(client.jetstream(), sequence)
+        finally:
+            await client.close()
+        typer.echo(f"replayed #{sequence} to {letter.original_subject} ({letter.event_id})")
 
     asyncio.run(run())
 

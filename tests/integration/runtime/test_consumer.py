@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +17,9 @@ from nats.js.api import StreamConfig
 from omni.common.v1 import event_pb2, types_pb2
 from omnistock.db import Connection, Pool
 from omnistock.messaging.consumer import EventConsumer
+from omnistock.messaging.dead_letters import read_dead_letters, replay
 from omnistock.messaging.envelope import OutgoingEvent, wrap
+from omnistock.settings import Settings
 
 
 @dataclass
@@ -185,3 +189,41 @@ async def test_nothing_is_acked_before_commit(harness: Harness) -> None:
 
     await run_until(consumer(harness, counting), done)
     assert len(deliveries) == 2
+
+
+async def test_an_operator_can_list_and_replay_dead_letters(
+    harness: Harness, js: JetStreamContext, settings: Settings
+) -> None:
+    name = f"test-{harness.schema}"
+    await harness.publish(event("store-broken-for-now"), "m1")
+
+    async def dead_lettered() -> bool:
+        return len(await read_dead_letters(js, consumer=name)) == 1
+
+    await run_until(
+        consumer(harness, recorder(harness.schema, {"store-broken-for-now": 99}), max_deliveries=2),
+        dead_lettered,
+    )
+    [letter] = await read_dead_letters(js, consumer=name)
+    assert letter.original_subject == harness.subject
+    assert letter.deliveries == "2"
+    assert "transient failure" in letter.error
+    assert letter.event_type == "omni.common.v1.StockKey"
+
+    listing = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "dlq", "list", "--consumer", name,
+        env={**os.environ, "OMNI_NATS_URL": settings.require_nats_url()},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(listing.communicate(), timeout=60)
+    assert listing.returncode == 0, err.decode()
+    assert f"#{letter.sequence} consumer={name}" in out.decode()
+    assert "1 dead letter(s)" in out.decode()
+
+    # The cause is fixed; replaying lets the consumer apply the event once.
+    await replay(js, letter.sequence)
+
+    async def applied() -> bool:
+        return await harness.effects() == ["store-broken-for-now"]
+
+    await run_until(consumer(harness, recorder(harness.schema)), applied)
