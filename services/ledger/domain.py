@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import cached_property
 
 from omnistock.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 
@@ -189,7 +190,7 @@ class PostMovement:
         """The movement with defaults applied (sellable where a state may be omitted)."""
         detail = self.detail
         if isinstance(detail, Receipt | Adjustment | CycleCount) and detail.state is None:
-            detail = _replace_state(detail, StockState.SELLABLE)
+            detail = replace(detail, state=StockState.SELLABLE)
         return PostMovement(self.key, self.sku, self.location_id, detail, self.occurred_at)
 
     def content_digest(self) -> str:
@@ -200,12 +201,21 @@ class PostMovement:
             "sku": self.sku,
             "location_id": self.location_id,
             "occurred_at": self.occurred_at.isoformat() if self.occurred_at else None,
-            "detail": asdict(self.detail),
+            # The details hold only strings, ints and enums: a shallow copy suffices
+            # (dataclasses.asdict deep-copies, and this runs for every movement).
+            "detail": dict(vars(self.detail)),
         }
         return json.dumps(content, sort_keys=True, default=str)
 
     def stock_keys(self) -> list[StockKey]:
         """The (sku, location, state) balances this movement changes."""
+        return list(self._stock_keys)
+
+    @cached_property
+    def _stock_keys(self) -> tuple[StockKey, ...]:
+        return tuple(self._compute_stock_keys())
+
+    def _compute_stock_keys(self) -> list[StockKey]:
         detail = self.detail
         here = self.location_id
         match detail:
@@ -230,12 +240,6 @@ class PostMovement:
                 assert source is not None and target is not None
                 return [StockKey(self.sku, here, source), StockKey(self.sku, here, target)]
         raise AssertionError(f"unvalidated movement {self!r}")
-
-
-def _replace_state(detail: Receipt | Adjustment | CycleCount, state: StockState) -> MovementDetail:
-    values = asdict(detail)
-    values["state"] = state
-    return type(detail)(**values)
 
 
 # ---------------------------------------------------------------------------
