@@ -126,6 +126,7 @@ class RunningService:
         done, pending = await asyncio.wait(self.tasks, timeout=10)
         for task in pending:
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         for task in done:
             if not task.cancelled() and task.exception():
                 log.error("service.task_failed", error=repr(task.exception()))
