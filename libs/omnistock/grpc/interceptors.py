@@ -60,9 +60,11 @@ class MetricsInterceptor(AsyncServerInterceptor):
         service, rpc = _split(method_name)
         started = time.perf_counter()
         response = method(request_or_iterator, context)
+        streaming_in = hasattr(request_or_iterator, "__aiter__")
         if hasattr(response, "__aiter__"):
-            return self._stream(response, context, service, rpc, started)
-        grpc_type = "unary"
+            grpc_type = "bidi_stream" if streaming_in else "server_stream"
+            return self._stream(response, context, service, rpc, started, grpc_type)
+        grpc_type = "client_stream" if streaming_in else "unary"
         metrics.GRPC_STARTED.labels(grpc_type, service, rpc).inc()
         error: BaseException | None = None
         try:
@@ -80,8 +82,8 @@ class MetricsInterceptor(AsyncServerInterceptor):
         service: str,
         rpc: str,
         started: float,
+        grpc_type: str,
     ) -> AsyncIterator[Any]:
-        grpc_type = "server_stream"
         metrics.GRPC_STARTED.labels(grpc_type, service, rpc).inc()
         sent = metrics.GRPC_MSG_SENT.labels(grpc_type, service, rpc)
         error: BaseException | None = None

@@ -176,18 +176,20 @@ class OutboxRelay:
             # publishes the event again and JetStream drops it as a duplicate. So
             # this commit need not wait for its WAL flush (one fsync per cycle saved).
             await conn.execute("SET LOCAL synchronous_commit TO OFF")
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", self._lock_key):
-                return 0  # another replica is publishing this outbox right now
-            rows = await conn.fetch(
-                f"""
-                SELECT id, event_id, subject, envelope, created_at
-                FROM {self._schema}.outbox
-                WHERE published_at IS NULL
-                ORDER BY id
-                LIMIT $1
-                """,
-                self._batch_size,
-            )
+            # One publisher per schema at a time keeps commit order across replicas.
+            publisher = await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", self._lock_key)
+            rows: list[asyncpg.Record] = []
+            if publisher:
+                rows = await conn.fetch(
+                    f"""
+                    SELECT id, event_id, subject, envelope, created_at
+                    FROM {self._schema}.outbox
+                    WHERE published_at IS NULL
+                    ORDER BY id
+                    LIMIT $1
+                    """,
+                    self._batch_size,
+                )
             if rows:
                 await self._publish(rows)
                 await conn.execute(
@@ -195,7 +197,9 @@ class OutboxRelay:
                     "WHERE id = ANY($1::bigint[])",
                     [row["id"] for row in rows],
                 )
-            # Counting the backlog costs a query; once a second is plenty for a gauge.
+            # Every replica reports the backlog (not only the publisher), so the gauge
+            # is fresh wherever it is scraped; counting costs a query, so at most
+            # once a second while busy.
             if not rows or time.monotonic() - self._backlog_reported_at > 1.0:
                 await self._report_backlog(conn)
                 self._backlog_reported_at = time.monotonic()
