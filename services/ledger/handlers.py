@@ -78,13 +78,14 @@ class LedgerHandlers:
     async def _post(
         self, conn: Connection, movements: list[domain.PostMovement]
     ) -> list[domain.PostedMovement]:
-        known_skus, known_locations = await storage.known_references(
+        lookup = await storage.look_up(
             conn,
             {m.sku for m in movements},
             {key.location_id for m in movements for key in m.stock_keys()},
+            [m.key for m in movements],
         )
-        domain.check_references(movements, known_skus, known_locations)
-        existing = await storage.find_movements(conn, [m.key for m in movements])
+        domain.check_references(movements, lookup.known_skus, lookup.known_locations)
+        existing = lookup.existing
         _refuse_reused_keys(movements, existing)
 
         fresh = [(i, m) for i, m in enumerate(movements) if m.key not in existing]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
@@ -28,46 +29,51 @@ from services.ledger.domain import (
 )
 
 
-async def known_references(
-    conn: Connection, skus: Iterable[str], locations: Iterable[str]
-) -> tuple[set[str], set[str]]:
-    """The subsets of ``skus`` and ``locations`` the ledger knows, in one round trip."""
+@dataclass(frozen=True)
+class BatchLookup:
+    """What the ledger already knows about a batch, read in one round trip."""
+
+    known_skus: set[str]
+    known_locations: set[str]
+    # Movements already recorded under the batch's keys: key → (movement id, digest).
+    existing: dict[IdempotencyKey, tuple[str, str]]
+
+
+async def look_up(
+    conn: Connection,
+    skus: Iterable[str],
+    locations: Iterable[str],
+    keys: Sequence[IdempotencyKey],
+) -> BatchLookup:
+    """Known SKUs and locations, and earlier movements under the batch's keys."""
     rows = await conn.fetch(
         """
-        SELECT 'sku' AS what, sku AS id FROM ledger.skus WHERE sku = ANY($1::text[])
+        SELECT 'sku' AS what, sku AS id, NULL::bigint AS seq, NULL::uuid AS movement_id,
+               NULL::text AS digest
+        FROM ledger.skus WHERE sku = ANY($1::text[])
         UNION ALL
-        SELECT 'location', location_id FROM ledger.locations WHERE location_id = ANY($2::text[])
+        SELECT 'location', location_id, NULL, NULL, NULL
+        FROM ledger.locations WHERE location_id = ANY($2::text[])
+        UNION ALL
+        SELECT 'movement', m.device_id, m.device_sequence, m.movement_id, m.content_digest
+        FROM ledger.movements m
+        JOIN unnest($3::text[], $4::bigint[]) AS k(device_id, device_sequence)
+          USING (device_id, device_sequence)
         """,
         list(skus),
         list(locations),
-    )
-    return (
-        {row["id"] for row in rows if row["what"] == "sku"},
-        {row["id"] for row in rows if row["what"] == "location"},
-    )
-
-
-async def find_movements(
-    conn: Connection, keys: Sequence[IdempotencyKey]
-) -> dict[IdempotencyKey, tuple[str, str]]:
-    """Movements already recorded under ``keys``: key → (movement id, content digest)."""
-    rows = await conn.fetch(
-        """
-        SELECT m.device_id, m.device_sequence, m.movement_id, m.content_digest
-        FROM ledger.movements m
-        JOIN unnest($1::text[], $2::bigint[]) AS k(device_id, device_sequence)
-          USING (device_id, device_sequence)
-        """,
         [key.device_id for key in keys],
         [key.sequence for key in keys],
     )
-    return {
-        IdempotencyKey(row["device_id"], row["device_sequence"]): (
-            str(row["movement_id"]),
-            row["content_digest"],
-        )
-        for row in rows
-    }
+    return BatchLookup(
+        known_skus={row["id"] for row in rows if row["what"] == "sku"},
+        known_locations={row["id"] for row in rows if row["what"] == "location"},
+        existing={
+            IdempotencyKey(row["id"], row["seq"]): (str(row["movement_id"]), row["digest"])
+            for row in rows
+            if row["what"] == "movement"
+        },
+    )
 
 
 async def lock_transfers(
@@ -162,19 +168,53 @@ async def record(
     movements: Sequence[tuple[PostMovement, list[PostingDraft]]],
     transfers: Sequence[TransferLine],
 ) -> list[RecordedMovement]:
-    """Insert movements and postings, and update balances and transfers."""
-    recorded_at: datetime = await conn.fetchval("SELECT clock_timestamp()")
+    """Insert movements and postings, and update balances and transfers.
+
+    Movements, postings and balances are written by one statement (one round
+    trip) with one reading of the clock, taken now that the rows are locked, so
+    recorded_at never goes backwards for a balance.
+    """
     movement_ids = [str(uuid.uuid4()) for _ in movements]
     described = [describe(movement) for movement, _ in movements]
-    await conn.execute(
+    flat = [
+        (movement_id, draft)
+        for movement_id, (_, drafts) in zip(movement_ids, movements, strict=True)
+        for draft in drafts
+    ]
+    # The last posting of each key carries its new balance.
+    final: dict[StockKey, PostingDraft] = {d.stock: d for _, d in flat}
+    sequences = await conn.fetch(
         """
-        INSERT INTO ledger.movements (
-            movement_id, device_id, device_sequence, content_digest, kind, sku, location_id,
-            reason_code, transfer_id, counterpart_location_id, reference, counted_quantity,
-            occurred_at, recorded_at)
-        SELECT *, $14::timestamptz FROM unnest(
-            $1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::text[], $9::text[], $10::text[], $11::text[], $12::bigint[], $13::timestamptz[])
+        WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
+        moved AS (
+            INSERT INTO ledger.movements (
+                movement_id, device_id, device_sequence, content_digest, kind, sku,
+                location_id, reason_code, transfer_id, counterpart_location_id, reference,
+                counted_quantity, occurred_at, recorded_at)
+            SELECT m.id, m.device, m.seq, m.digest, m.kind, m.sku, m.location, m.reason,
+                   m.transfer, m.counterpart, m.reference, m.counted,
+                   coalesce(m.occurred, clock.now), clock.now
+            FROM clock, unnest(
+                $1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::bigint[],
+                $13::timestamptz[])
+              AS m(id, device, seq, digest, kind, sku, location, reason, transfer,
+                   counterpart, reference, counted, occurred)
+        ),
+        balanced AS (
+            UPDATE ledger.balances b
+            SET on_hand = k.on_hand, version = k.version, updated_at = clock.now
+            FROM clock, unnest($21::text[], $22::text[], $23::text[], $24::bigint[],
+                               $25::bigint[]) AS k(sku, location_id, state, on_hand, version)
+            WHERE (b.sku, b.location_id, b.state) = (k.sku, k.location_id, k.state)
+        )
+        INSERT INTO ledger.postings (
+            movement_id, sku, location_id, state, quantity_delta, on_hand_after,
+            balance_version, recorded_at)
+        SELECT p.*, clock.now
+        FROM clock, unnest($14::uuid[], $15::text[], $16::text[], $17::text[],
+                           $18::bigint[], $19::bigint[], $20::bigint[]) AS p
+        RETURNING sku, location_id, state, balance_version, ledger_sequence, recorded_at
         """,
         movement_ids,
         [m.key.device_id for m, _ in movements],
@@ -188,24 +228,7 @@ async def record(
         [d["counterpart_location_id"] for d in described],
         [d["reference"] for d in described],
         [d["counted_quantity"] for d in described],
-        [m.occurred_at or recorded_at for m, _ in movements],
-        recorded_at,
-    )
-    flat = [
-        (movement_id, draft)
-        for movement_id, (_, drafts) in zip(movement_ids, movements, strict=True)
-        for draft in drafts
-    ]
-    sequences = await conn.fetch(
-        """
-        INSERT INTO ledger.postings (
-            movement_id, sku, location_id, state, quantity_delta, on_hand_after,
-            balance_version, recorded_at)
-        SELECT *, $8::timestamptz FROM unnest(
-            $1::uuid[], $2::text[], $3::text[], $4::text[],
-            $5::bigint[], $6::bigint[], $7::bigint[])
-        RETURNING sku, location_id, state, balance_version, ledger_sequence
-        """,
+        [m.occurred_at for m, _ in movements],
         [movement_id for movement_id, _ in flat],
         [d.stock.sku for _, d in flat],
         [d.stock.location_id for _, d in flat],
@@ -213,25 +236,13 @@ async def record(
         [d.quantity_delta for _, d in flat],
         [d.on_hand_after for _, d in flat],
         [d.balance_version for _, d in flat],
-        recorded_at,
-    )
-    # The last posting of each key carries its new balance.
-    final: dict[StockKey, PostingDraft] = {d.stock: d for _, d in flat}
-    await conn.execute(
-        """
-        UPDATE ledger.balances b
-        SET on_hand = k.on_hand, version = k.version, updated_at = $6
-        FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
-            AS k(sku, location_id, state, on_hand, version)
-        WHERE (b.sku, b.location_id, b.state) = (k.sku, k.location_id, k.state)
-        """,
         [key.sku for key in final],
         [key.location_id for key in final],
         [key.state.value for key in final],
         [d.on_hand_after for d in final.values()],
         [d.balance_version for d in final.values()],
-        recorded_at,
     )
+    recorded_at: datetime = sequences[0]["recorded_at"]
     if transfers:
         await conn.execute(
             """

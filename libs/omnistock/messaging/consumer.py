@@ -50,6 +50,11 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _backoff(deliveries: int) -> float:
+    """Seconds before the next delivery: 0.5, 1, 2, 4 ... at most 30."""
+    return float(min(30.0, 0.5 * 2 ** min(deliveries - 1, 6)))
+
+
 class PoisonMessage(Exception):
     """A message that can never be handled (undecodable, no event id)."""
 
@@ -109,10 +114,24 @@ class EventConsumer:
                     messages = await subscription.fetch(
                         self._batch_size, timeout=self._fetch_timeout
                     )
-                except nats.errors.TimeoutError:
+                except TimeoutError:
+                    # Nothing to do. nats-py raises either its own TimeoutError or
+                    # asyncio's, which on Python 3.11 is the builtin caught here.
+                    continue
+                except nats.errors.Error as error:
+                    # A NATS hiccup (reconnecting, server restart): wait and fetch again.
+                    metrics.CONSUMER_FETCH_ERRORS.labels(consumer=self.name).inc()
+                    log.warning("consumer.fetch_failed", consumer=self.name, error=repr(error))
+                    await asyncio.sleep(1.0)
                     continue
                 for message in messages:
-                    await self.handle(message)
+                    try:
+                        await self.handle(message)
+                    except (nats.errors.Error, OSError, TimeoutError) as error:
+                        # Acknowledging or dead-lettering failed: the message stays
+                        # unacknowledged and JetStream delivers it again after ack_wait.
+                        metrics.CONSUMER_FETCH_ERRORS.labels(consumer=self.name).inc()
+                        log.warning("consumer.ack_failed", consumer=self.name, error=repr(error))
         finally:
             await subscription.unsubscribe()
 
@@ -134,11 +153,20 @@ class EventConsumer:
         except PoisonMessage as exc:
             await self._dead_letter(message, exc)
             return
+        except TRANSIENT_ERRORS as exc:
+            # The infrastructure failed, not the message: retried for as long as it
+            # takes and never dead-lettered.
+            log.warning(
+                "consumer.transient", consumer=self.name, deliveries=deliveries, error=repr(exc)
+            )
+            await message.nak(delay=_backoff(deliveries))
+            metrics.CONSUMER_MESSAGES.labels(consumer=self.name, outcome="retried").inc()
+            return
         except Exception as exc:
             if deliveries >= self._max_deliveries:
                 await self._dead_letter(message, exc)
                 return
-            delay = min(30.0, 0.5 * 2 ** (deliveries - 1))
+            delay = _backoff(deliveries)
             log.warning(
                 "consumer.retry", consumer=self.name, deliveries=deliveries, error=repr(exc)
             )

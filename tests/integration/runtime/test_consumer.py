@@ -67,7 +67,9 @@ def event(location_id: str) -> event_pb2.EventEnvelope:
 
 
 def recorder(
-    schema: str, fail_times: dict[str, int] | None = None
+    schema: str,
+    fail_times: dict[str, int] | None = None,
+    error: type[Exception] = RuntimeError,
 ) -> Callable[..., Awaitable[None]]:
     failures = dict(fail_times or {})
 
@@ -79,7 +81,7 @@ def recorder(
         )
         if failures.get(payload.location_id, 0) > 0:
             failures[payload.location_id] -= 1
-            raise RuntimeError(f"transient failure for {payload.location_id}")
+            raise error(f"transient failure for {payload.location_id}")
 
     return handle
 
@@ -227,3 +229,19 @@ async def test_an_operator_can_list_and_replay_dead_letters(
         return await harness.effects() == ["store-broken-for-now"]
 
     await run_until(consumer(harness, recorder(harness.schema)), applied)
+
+
+async def test_an_infrastructure_failure_is_retried_past_max_deliveries_not_dead_lettered(
+    harness: Harness, js: JetStreamContext
+) -> None:
+    dlq_before = (await js.stream_info("OMNI_DLQ")).state.last_seq
+    await harness.publish(event("store-db-failover"), "m1")
+
+    async def applied() -> bool:
+        return await harness.effects() == ["store-db-failover"]
+
+    # Three connection failures, although only two deliveries are allowed for bugs.
+    handler = recorder(harness.schema, {"store-db-failover": 3}, error=ConnectionResetError)
+    await run_until(consumer(harness, handler, max_deliveries=2), applied)
+
+    assert (await js.stream_info("OMNI_DLQ")).state.last_seq == dlq_before
