@@ -287,7 +287,7 @@ def _check_id(value: str, path: str, what: str) -> list[FieldViolation]:
     if not value:
         return [FieldViolation(path, f"{what} is required")]
     if not ID_PATTERN.fullmatch(value):
-        return [FieldViolation(path, f"{what} {value[:80]!r} is malformed; use {ID_RULE}")]
+        return [FieldViolation(path, f"{what} {value[:40]!r} is malformed; use {ID_RULE}")]
     return []
 
 

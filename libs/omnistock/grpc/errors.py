@@ -21,6 +21,7 @@ from omnistock.errors import (
     AlreadyExists,
     DomainError,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -28,9 +29,11 @@ from omnistock.errors import (
 
 D = TypeVar("D", bound=Message)
 
-# Rich details travel in trailing metadata, which clients cap (16 KB by default):
-# name the first problems and count the rest.
+# Rich details travel in trailing metadata. gRPC C-core clients may reject it
+# above 8 KB (and always above 16 KB), so the details name the first problems
+# within a byte budget and count the rest.
 MAX_FIELD_VIOLATIONS = 50
+MAX_DETAIL_BYTES = 6 * 1024
 
 _CODES: list[tuple[type[DomainError], int]] = [
     (InvalidArgument, code_pb2.INVALID_ARGUMENT),
@@ -61,7 +64,7 @@ def to_status(error: DomainError) -> grpc.Status:
                     error_details_pb2.BadRequest.FieldViolation(
                         field=v.field, description=v.description
                     )
-                    for v in error.violations[:MAX_FIELD_VIOLATIONS]
+                    for v in _within_budget(error)
                 ]
             )
         )
@@ -72,10 +75,23 @@ def to_status(error: DomainError) -> grpc.Status:
     return status
 
 
+def _within_budget(error: InvalidArgument) -> list[FieldViolation]:
+    shown: list[FieldViolation] = []
+    size = len(error.message.encode())
+    for violation in error.violations[:MAX_FIELD_VIOLATIONS]:
+        size += len(violation.field.encode()) + len(violation.description.encode()) + 8
+        if shown and size > MAX_DETAIL_BYTES:
+            break
+        shown.append(violation)
+    return shown
+
+
 def _metadata(error: DomainError) -> dict[str, str]:
     metadata = dict(error.metadata)
-    if isinstance(error, InvalidArgument) and len(error.violations) > MAX_FIELD_VIOLATIONS:
-        metadata["violations_shown"] = str(MAX_FIELD_VIOLATIONS)
+    if isinstance(error, InvalidArgument):
+        shown = len(_within_budget(error))
+        if shown < len(error.violations):
+            metadata["violations_shown"] = str(shown)
     return metadata
 
 

@@ -37,8 +37,12 @@ def _code_name(context: Context, error: BaseException | None) -> str:
     if code is None:
         if error is None:
             return "OK"
-        # The client cancelled or its deadline passed: not a server error.
-        return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNKNOWN"
+        if isinstance(error, asyncio.CancelledError):
+            # grpc.aio cancels the handler when the client cancels and when the
+            # deadline passes; only the remaining time tells them apart.
+            remaining = context.time_remaining()
+            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        return "UNKNOWN"
     if isinstance(code, grpc.StatusCode):
         return str(code.name)
     for status in grpc.StatusCode:

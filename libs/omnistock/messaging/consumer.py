@@ -38,14 +38,15 @@ DLQ_SUBJECT_PREFIX = "omni.dlq"
 
 # Failures of the infrastructure, not of the message: a database failover or a
 # lost connection must not send good events to the dead-letter stream.
+# Deliberately narrow: a handler's own bug (a timeout it sets, a misused
+# connection) must reach the dead-letter stream, not be retried for ever.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
+    ConnectionError,
     asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # a primary that was just demoted
     Aborted,
 )
 
@@ -57,6 +58,16 @@ def _backoff(deliveries: int) -> float:
 
 class PoisonMessage(Exception):
     """A message that can never be handled (undecodable, no event id)."""
+
+
+def _decode(message: Msg) -> event_pb2.EventEnvelope:
+    try:
+        envelope = event_pb2.EventEnvelope.FromString(message.data)
+    except DecodeError as exc:
+        raise PoisonMessage(f"not an EventEnvelope: {exc}") from exc
+    if not envelope.event_id:
+        raise PoisonMessage("the envelope has no event_id")
+    return envelope
 
 
 class EventConsumer:
@@ -149,41 +160,58 @@ class EventConsumer:
             metrics.CONSUMER_REDELIVERIES.labels(**labels).inc()
         started = time.perf_counter()
         try:
-            outcome = await self._apply(message)
+            envelope = _decode(message)
+            outcome = await self._apply(envelope)
         except PoisonMessage as exc:
-            await self._dead_letter(message, exc)
+            await self._dead_letter(message, exc, failures=0)
             return
         except TRANSIENT_ERRORS as exc:
-            # The infrastructure failed, not the message: retried for as long as it
-            # takes and never dead-lettered.
-            log.warning(
-                "consumer.transient", consumer=self.name, deliveries=deliveries, error=repr(exc)
-            )
-            await message.nak(delay=_backoff(deliveries))
-            metrics.CONSUMER_MESSAGES.labels(consumer=self.name, outcome="retried").inc()
+            await self._retry_later(message, exc, deliveries)
             return
         except Exception as exc:
-            if deliveries >= self._max_deliveries:
-                await self._dead_letter(message, exc)
+            try:
+                failures = await self._count_failure(envelope.event_id, exc)
+            except TRANSIENT_ERRORS as unreachable:
+                await self._retry_later(message, unreachable, deliveries)
                 return
-            delay = _backoff(deliveries)
-            log.warning(
-                "consumer.retry", consumer=self.name, deliveries=deliveries, error=repr(exc)
-            )
-            await message.nak(delay=delay)
+            if failures >= self._max_deliveries:
+                await self._dead_letter(message, exc, failures=failures)
+                return
+            log.warning("consumer.retry", consumer=self.name, failures=failures, error=repr(exc))
+            await message.nak(delay=_backoff(failures))
             metrics.CONSUMER_MESSAGES.labels(consumer=self.name, outcome="retried").inc()
             return
         await message.ack_sync()
         metrics.CONSUMER_HANDLING_SECONDS.labels(**labels).observe(time.perf_counter() - started)
         metrics.CONSUMER_MESSAGES.labels(consumer=self.name, outcome=outcome).inc()
 
-    async def _apply(self, message: Msg) -> str:
-        try:
-            envelope = event_pb2.EventEnvelope.FromString(message.data)
-        except DecodeError as exc:
-            raise PoisonMessage(f"not an EventEnvelope: {exc}") from exc
-        if not envelope.event_id:
-            raise PoisonMessage("the envelope has no event_id")
+    async def _retry_later(self, message: Msg, error: BaseException, deliveries: int) -> None:
+        # The infrastructure failed, not the message: retried for as long as it
+        # takes, never counted towards the dead-letter limit.
+        log.warning(
+            "consumer.transient", consumer=self.name, deliveries=deliveries, error=repr(error)
+        )
+        await message.nak(delay=_backoff(deliveries))
+        metrics.CONSUMER_MESSAGES.labels(consumer=self.name, outcome="retried").inc()
+
+    async def _count_failure(self, event_id: str, error: Exception) -> int:
+        """Record one more failed attempt of the handler on ``event_id``; returns the count."""
+        failures: int = await self._pool.fetchval(
+            f"""
+            INSERT INTO {self._schema}.consumer_failures AS f
+                (consumer, event_id, failures, last_error)
+            VALUES ($1, $2, 1, $3)
+            ON CONFLICT (consumer, event_id) DO UPDATE
+            SET failures = f.failures + 1, last_error = excluded.last_error, updated_at = now()
+            RETURNING failures
+            """,
+            self.name,
+            event_id,
+            repr(error)[:1000],
+        )
+        return failures
+
+    async def _apply(self, envelope: event_pb2.EventEnvelope) -> str:
         registered = self._handlers.get(envelope.event_type)
         if registered is None:
             return "ignored"  # an event type this consumer does not act on
@@ -211,7 +239,7 @@ class EventConsumer:
             applied = await unit_of_work(self._pool, work)
         return "processed" if applied else "duplicate"
 
-    async def _dead_letter(self, message: Msg, error: Exception) -> None:
+    async def _dead_letter(self, message: Msg, error: Exception, *, failures: int) -> None:
         meta = message.metadata
         headers = {
             MSG_ID_HEADER: f"{self.name}:{meta.stream}:{meta.sequence.stream}",
@@ -220,6 +248,7 @@ class EventConsumer:
             "Omni-Dlq-Stream": meta.stream,
             "Omni-Dlq-Stream-Sequence": str(meta.sequence.stream),
             "Omni-Dlq-Deliveries": str(meta.num_delivered),
+            "Omni-Dlq-Failures": str(failures),
             "Omni-Dlq-Error": repr(error)[:1000],
         }
         await self._js.publish(f"{DLQ_SUBJECT_PREFIX}.{self.name}", message.data, headers=headers)

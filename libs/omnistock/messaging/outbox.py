@@ -125,25 +125,40 @@ class OutboxRelay:
             while await self._cycle() >= self._batch_size:
                 pass
         finally:
-            if listener is not None and not listener.is_closed():
-                await self._guarded(
-                    lambda: listener.remove_listener(self._channel, self._on_notify)
-                )
-                await self._pool.release(listener)
+            if listener is not None:
+                await self._release(listener)
 
     async def _listen(
         self, listener: PoolConnectionProxy[asyncpg.Record] | None
     ) -> PoolConnectionProxy[asyncpg.Record] | None:
         # (Re)establish the LISTEN connection; without it the relay still polls.
-        if listener is not None and not listener.is_closed():
+        if listener is not None and _usable(listener):
             return listener
+        if listener is not None:
+            await self._release(listener)
         try:
             connection = await self._pool.acquire()
-            await connection.add_listener(self._channel, self._on_notify)
-            return connection
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             log.warning("outbox.listen_failed", schema=self._schema, error=repr(error))
             return None
+        try:
+            await connection.add_listener(self._channel, self._on_notify)
+        except BaseException as error:
+            # A standby refuses LISTEN, or we are being cancelled: give the slot back.
+            await self._release(connection)
+            if not isinstance(error, OSError | asyncpg.PostgresError | asyncpg.InterfaceError):
+                raise
+            log.warning("outbox.listen_failed", schema=self._schema, error=repr(error))
+            return None
+        return connection
+
+    async def _release(self, connection: PoolConnectionProxy[asyncpg.Record]) -> None:
+        try:
+            if _usable(connection):
+                await connection.remove_listener(self._channel, self._on_notify)
+            await self._pool.release(connection)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            log.warning("outbox.release_failed", schema=self._schema, error=repr(error))
 
     async def _cycle(self) -> int:
         try:
@@ -250,3 +265,12 @@ class OutboxRelay:
             self._retention_hours * 3600,
         )
         return int(result.split()[-1])
+
+
+def _usable(connection: PoolConnectionProxy[asyncpg.Record]) -> bool:
+    # When the server drops a pooled connection, asyncpg returns it to the pool and
+    # detaches the proxy, whose every method then raises InterfaceError.
+    try:
+        return not connection.is_closed()
+    except asyncpg.InterfaceError:
+        return False

@@ -52,7 +52,7 @@ CREATE TABLE ledger.movements (
     counted_quantity         bigint NOT NULL DEFAULT 0,
     occurred_at              timestamptz NOT NULL,
     recorded_at              timestamptz NOT NULL,
-    CONSTRAINT movements_idempotency_key UNIQUE (device_id, device_sequence)
+    UNIQUE (device_id, device_sequence)
 );
 
 -- Every change of on-hand. balance_version counts the postings of one

@@ -125,3 +125,22 @@ async def test_a_background_task_that_dies_turns_the_service_not_serving(
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await service.stop()
+
+
+async def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded(
+    ledger: Stub, pool: Pool
+) -> None:
+    before = handled("ListLocations", "DEADLINE_EXCEEDED")
+    async with pool.acquire() as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.execute("LOCK TABLE ledger.locations IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await ledger.ListLocations(pb.ListLocationsRequest(), timeout=0.3)
+        await asyncio.sleep(0.3)  # the server notices the deadline and cancels its handler
+        await transaction.rollback()
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = asyncio.get_running_loop().time() + 5
+    while handled("ListLocations", "DEADLINE_EXCEEDED") != before + 1:
+        assert asyncio.get_running_loop().time() < deadline, "not counted as DEADLINE_EXCEEDED"
+        await asyncio.sleep(0.05)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import TypeAlias
 
 import asyncpg
 import nats.errors
@@ -23,12 +24,19 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from omni.common.v1 import event_pb2
 from omni.ledger.v1 import events_pb2
-from omnistock.db import Connection
+from omni.ledger.v1 import ledger_service_pb2 as pb
+from omni.ledger.v1 import ledger_service_pb2_grpc as pb_grpc
+from omni.ledger.v1 import resources_pb2 as res
+from omnistock.db import Connection, Pool
 from omnistock.devstack.ports import free_port
 from omnistock.devstack.stack import EmbeddedStack
 from omnistock.messaging.envelope import unpack
+from omnistock.service import RunningService
 from services.ledger import domain
 from services.ledger.handlers import LedgerHandlers
+from tests.conftest import Network
+
+Stub: TypeAlias = "pb_grpc.StockLedgerServiceAsyncStub"
 
 
 def start_ledger_process(dsn: str, nats_url: str) -> subprocess.Popen[bytes]:
@@ -134,3 +142,47 @@ async def test_every_movement_lands_on_jetstream_exactly_once_through_relay_kill
     assert kills == 2
     assert len(seen) == total
     assert set(seen.values()) == {1}
+
+
+async def test_the_relay_survives_losing_its_listening_connection(
+    ledger_service: RunningService, ledger: Stub, network: Network, pool: Pool
+) -> None:
+    listeners = await pool.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'LISTEN%omni_outbox_ledger%'"
+    )
+    assert listeners, "the relay should be listening for commits"
+    for row in listeners:
+        await pool.execute("SELECT pg_terminate_backend($1)", row["pid"])
+    [store] = await network.locations(1)
+    [sku] = await network.skus(1)
+
+    posted = await ledger.PostMovements(
+        pb.PostMovementsRequest(
+            movements=[
+                res.MovementInput(
+                    key=network.next_key(), sku=sku, location_id=store,
+                    receipt=res.Receipt(quantity=2),
+                )
+            ]
+        )
+    )  # fmt: skip
+
+    movement_id = posted.results[0].movement.movement_id
+    deadline = time.monotonic() + 15
+    while True:
+        unpublished = await pool.fetchval(
+            "SELECT count(*) FROM ledger.outbox WHERE published_at IS NULL"
+        )
+        if unpublished == 0:
+            break
+        assert time.monotonic() < deadline, f"event of {movement_id} not published"
+        await asyncio.sleep(0.1)
+    relay_task = ledger_service.tasks[0]
+    assert not relay_task.done(), relay_task.exception()
+    # And it listens again, so the next commit wakes it without waiting for a poll.
+    deadline = time.monotonic() + 10
+    while not await pool.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'LISTEN%omni_outbox_ledger%'"
+    ):
+        assert time.monotonic() < deadline, "the relay did not listen again"
+        await asyncio.sleep(0.1)
