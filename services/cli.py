@@ -53,7 +53,11 @@ def dev_run(
         settings.dev_nats_port,
         settings.dev_nats_monitor_port,
     )
-    stack.start(with_postgres=not settings.database_url, with_nats=not settings.nats_url)
+    try:
+        stack.start(with_postgres=not settings.database_url, with_nats=not settings.nats_url)
+    except (RuntimeError, TimeoutError) as error:
+        typer.echo(f"cannot start the embedded servers: {error}", err=True)
+        raise typer.Exit(1) from error
     database_url = settings.database_url or stack.database_url
     nats_url = settings.nats_url or stack.nats_url
     processes: list[ServiceProcess] = []

@@ -167,3 +167,25 @@ async def test_make_run_serves_the_demo_and_restarts_on_the_same_data(tmp_path: 
         assert sum(level.on_hand for level in after.levels) == on_hand_before + 12
     finally:
         assert await second.interrupt() == 0
+
+
+async def test_a_busy_port_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    busy = server.sockets[0].getsockname()[1]
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli", "dev", "run",
+            env={
+                **DevRun({}).environment(),
+                "OMNI_STATE_DIR": str(tmp_path / "state"),
+                "OMNI_DEV_POSTGRES_PORT": str(busy),
+            },
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert process.returncode == 1
+    assert f"port {busy} for the embedded PostgreSQL is in use" in err.decode()
+    assert "Traceback" not in err.decode()
