@@ -13,10 +13,9 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from omnistock.bootstrap import prepare
 from omnistock.devstack.ports import free_port
 from omnistock.devstack.stack import EmbeddedStack
-from services.registry import SERVICES, STREAMS_FILE
+from services.registry import prepare_all
 
 
 @asynccontextmanager
@@ -26,12 +25,7 @@ async def bench_stack() -> AsyncIterator[EmbeddedStack]:
         stack = EmbeddedStack(Path(folder), free_port(), free_port(), free_port(), durable=True)
         stack.start()
         try:
-            await prepare(
-                stack.database_url,
-                stack.nats_url,
-                STREAMS_FILE,
-                [service.migrations for service in SERVICES],
-            )
+            await prepare_all(stack.database_url, stack.nats_url)
             yield stack
         finally:
             stack.stop()

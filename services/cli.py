@@ -10,18 +10,18 @@ from typing import Annotated
 import grpc
 import typer
 
-from omnistock.bootstrap import prepare, provision_streams
+from omnistock.bootstrap import provision_streams
 from omnistock.db import create_pool
 from omnistock.devstack.stack import EmbeddedStack, embedded_database_url
 from omnistock.devstack.supervisor import ServiceProcess
 from omnistock.logs import configure_logging
 from omnistock.messaging.dead_letters import read_dead_letters, replay
-from omnistock.migrations import migrate, runtime_migrations
+from omnistock.migrations import migrate
 from omnistock.nats_client import connect
 from omnistock.settings import Settings
 from services.demo import load_demo, read_demo
 from services.ledger.audit import audit
-from services.registry import SERVICES, STREAMS_FILE
+from services.registry import SERVICES, STREAMS_FILE, all_migrations, prepare_all
 
 app = typer.Typer(help="Omnistock: real-time inventory and order routing.", no_args_is_help=True)
 dev = typer.Typer(help="The local development stack.", no_args_is_help=True)
@@ -62,7 +62,7 @@ def dev_run(
     nats_url = settings.nats_url or stack.nats_url
     processes: list[ServiceProcess] = []
     try:
-        asyncio.run(prepare(database_url, nats_url, STREAMS_FILE, [s.migrations for s in SERVICES]))
+        asyncio.run(prepare_all(database_url, nats_url))
         env = {"OMNI_DATABASE_URL": database_url, "OMNI_NATS_URL": nats_url}
         for spec in SERVICES:
             address = f"{settings.grpc_host}:{settings.grpc_port(spec.name)}"
@@ -118,8 +118,7 @@ def migrate_command() -> None:
     """Apply the runtime's and every service's migrations to OMNI_DATABASE_URL."""
     settings = Settings()
     configure_logging(settings.log_level, "console")
-    sets = [runtime_migrations(), *(s.migrations for s in SERVICES)]
-    asyncio.run(migrate(settings.require_database_url(), sets))
+    asyncio.run(migrate(settings.require_database_url(), all_migrations()))
 
 
 @app.command("provision-streams")

@@ -23,7 +23,6 @@ from omni.common.v1 import types_pb2
 from omni.ledger.v1 import ledger_service_pb2 as ledger_pb
 from omni.ledger.v1 import ledger_service_pb2_grpc as ledger_grpc
 from omni.ledger.v1 import resources_pb2
-from omnistock.bootstrap import prepare
 from omnistock.db import Pool, create_pool
 from omnistock.devstack.ports import free_port
 from omnistock.devstack.stack import EmbeddedStack
@@ -32,7 +31,7 @@ from omnistock.nats_client import connect
 from omnistock.service import RunningService, start_service
 from omnistock.settings import Settings
 from services.ledger.app import SPEC as LEDGER
-from services.registry import SERVICES, STREAMS_FILE
+from services.registry import prepare_all
 
 
 @pytest.fixture(scope="session")
@@ -48,14 +47,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
     )
     embedded.start()
     try:
-        asyncio.run(
-            prepare(
-                embedded.database_url,
-                embedded.nats_url,
-                STREAMS_FILE,
-                [service.migrations for service in SERVICES],
-            )
-        )
+        asyncio.run(prepare_all(embedded.database_url, embedded.nats_url))
         yield embedded
     finally:
         embedded.stop()
@@ -184,7 +176,7 @@ async def fresh_database(stack: EmbeddedStack) -> str:
     finally:
         await admin.close()
     dsn = stack.database_url.rsplit("/", 1)[0] + f"/{name}"
-    await prepare(dsn, stack.nats_url, STREAMS_FILE, [service.migrations for service in SERVICES])
+    await prepare_all(dsn, stack.nats_url)
     return dsn
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from omnistock.messaging.streams import load_declarations, provision
-from omnistock.migrations import MigrationSet, migrate, runtime_migrations
+from omnistock.migrations import MigrationSet, migrate
 from omnistock.nats_client import connect
 
 
@@ -22,6 +22,6 @@ async def provision_streams(nats_url: str, streams_file: Path) -> None:
 async def prepare(
     database_url: str, nats_url: str, streams_file: Path, migration_sets: Sequence[MigrationSet]
 ) -> None:
-    """Streams first, then the runtime's and every service's migrations."""
+    """Streams first, then the given migrations, in order."""
     await provision_streams(nats_url, streams_file)
-    await migrate(database_url, [runtime_migrations(), *migration_sets])
+    await migrate(database_url, list(migration_sets))

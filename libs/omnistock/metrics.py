@@ -101,7 +101,7 @@ CONSUMER_DEAD_LETTERS = Counter(
     "Messages moved to the dead-letter stream after the last allowed attempt.",
     ["consumer"],
 )
-CONSUMER_FETCH_ERRORS = Counter(
+CONSUMER_ERRORS = Counter(
     "omni_consumer_errors_total",
     "Fetches or acknowledgements that failed on the NATS side (retried; messages redelivered).",
     ["consumer"],

@@ -207,38 +207,32 @@ class PostMovement:
         }
         return json.dumps(content, sort_keys=True, default=str)
 
-    def stock_keys(self) -> list[StockKey]:
-        """The (sku, location, state) balances this movement changes."""
-        return list(self._stock_keys)
-
     @cached_property
-    def _stock_keys(self) -> tuple[StockKey, ...]:
-        return tuple(self._compute_stock_keys())
-
-    def _compute_stock_keys(self) -> list[StockKey]:
+    def stock_keys(self) -> tuple[StockKey, ...]:
+        """The (sku, location, state) balances this movement changes (computed once)."""
         detail = self.detail
         here = self.location_id
         match detail:
             case Receipt(state=state) | Adjustment(state=state) | CycleCount(state=state):
-                return [StockKey(self.sku, here, state or StockState.SELLABLE)]
+                return (StockKey(self.sku, here, state or StockState.SELLABLE),)
             case CustomerReturn(state=state):
                 assert state is not None
-                return [StockKey(self.sku, here, state)]
+                return (StockKey(self.sku, here, state),)
             case Shipment():
-                return [StockKey(self.sku, here, StockState.SELLABLE)]
+                return (StockKey(self.sku, here, StockState.SELLABLE),)
             case TransferOut(destination_location_id=destination):
-                return [
+                return (
                     StockKey(self.sku, here, StockState.SELLABLE),
                     StockKey(self.sku, destination, StockState.IN_TRANSIT),
-                ]
+                )
             case TransferIn():
-                return [
+                return (
                     StockKey(self.sku, here, StockState.IN_TRANSIT),
                     StockKey(self.sku, here, StockState.SELLABLE),
-                ]
+                )
             case StateChange(from_state=source, to_state=target):
                 assert source is not None and target is not None
-                return [StockKey(self.sku, here, source), StockKey(self.sku, here, target)]
+                return (StockKey(self.sku, here, source), StockKey(self.sku, here, target))
         raise AssertionError(f"unvalidated movement {self!r}")
 
 
@@ -283,17 +277,13 @@ def validate_batch(
     return [movement.normalised() for movement in movements]
 
 
-def _check_id(value: str, path: str, what: str) -> list[FieldViolation]:
+def check_id(value: str, path: str, what: str) -> list[FieldViolation]:
+    """Problems with an identifier (sku, location, device, transfer, product)."""
     if not value:
         return [FieldViolation(path, f"{what} is required")]
     if not ID_PATTERN.fullmatch(value):
         return [FieldViolation(path, f"{what} {value[:40]!r} is malformed; use {ID_RULE}")]
     return []
-
-
-def check_id(value: str, path: str, what: str) -> list[FieldViolation]:
-    """Problems with an identifier (sku, location, device, transfer, product)."""
-    return _check_id(value, path, what)
 
 
 def check_text(value: str, path: str, limit: int) -> list[FieldViolation]:
@@ -338,13 +328,13 @@ _AT_REST = frozenset({StockState.SELLABLE, StockState.DAMAGED, StockState.QUARAN
 
 def _validate_movement(movement: PostMovement, path: str, now: datetime) -> list[FieldViolation]:
     problems: list[FieldViolation] = []
-    problems += _check_id(movement.key.device_id, f"{path}.key.device_id", "the device id")
+    problems += check_id(movement.key.device_id, f"{path}.key.device_id", "the device id")
     if movement.key.sequence < 1:
         problems.append(
             FieldViolation(f"{path}.key.sequence", "must be 1 or more (the device's own counter)")
         )
-    problems += _check_id(movement.sku, f"{path}.sku", "the sku")
-    problems += _check_id(movement.location_id, f"{path}.location_id", "the location id")
+    problems += check_id(movement.sku, f"{path}.sku", "the sku")
+    problems += check_id(movement.location_id, f"{path}.location_id", "the location id")
     if movement.occurred_at is not None and movement.occurred_at > now + MAX_CLOCK_SKEW:
         problems.append(
             FieldViolation(
@@ -374,8 +364,8 @@ def _validate_movement(movement: PostMovement, path: str, now: datetime) -> list
             problems += _check_state(detail.state, f"{path}.adjustment.state", False, _AT_REST)
         case TransferOut():
             sub = f"{path}.transfer_out"
-            problems += _check_id(detail.transfer_id, f"{sub}.transfer_id", "the transfer id")
-            problems += _check_id(
+            problems += check_id(detail.transfer_id, f"{sub}.transfer_id", "the transfer id")
+            problems += check_id(
                 detail.destination_location_id, f"{sub}.destination_location_id", "the destination"
             )
             if detail.destination_location_id == movement.location_id:
@@ -387,7 +377,7 @@ def _validate_movement(movement: PostMovement, path: str, now: datetime) -> list
             problems += _check_quantity(detail.quantity, f"{sub}.quantity")
         case TransferIn():
             sub = f"{path}.transfer_in"
-            problems += _check_id(detail.transfer_id, f"{sub}.transfer_id", "the transfer id")
+            problems += check_id(detail.transfer_id, f"{sub}.transfer_id", "the transfer id")
             problems += _check_quantity(detail.quantity, f"{sub}.quantity")
         case CycleCount():
             sub = f"{path}.cycle_count"
@@ -423,7 +413,7 @@ def check_references(
         path = f"movements[{index}]"
         if movement.sku not in known_skus:
             problems.append(FieldViolation(f"{path}.sku", f"unknown sku {movement.sku!r}"))
-        for location in {key.location_id for key in movement.stock_keys()}:
+        for location in {key.location_id for key in movement.stock_keys}:
             if location not in known_locations:
                 field_name = (
                     "location_id"
@@ -500,7 +490,7 @@ class Positions:
         leaves balances and transfers exactly as they were.
         """
         detail = movement.detail
-        keys = movement.stock_keys()
+        keys = movement.stock_keys
         transfer_update: TransferLine | None = None
         match detail:
             case Receipt(quantity=quantity) | CustomerReturn(quantity=quantity):
@@ -614,7 +604,7 @@ class Positions:
 
 def lock_order(movements: Sequence[PostMovement]) -> list[StockKey]:
     """Every stock key a batch touches, in the one global order rows are locked in."""
-    return sorted({key for movement in movements for key in movement.stock_keys()})
+    return sorted({key for movement in movements for key in movement.stock_keys})
 
 
 def transfer_keys(movements: Sequence[PostMovement]) -> list[tuple[str, str]]:
@@ -754,7 +744,7 @@ def validate_locations(locations: Sequence[Location]) -> None:
     seen: set[str] = set()
     for index, location in enumerate(locations):
         path = f"locations[{index}]"
-        problems += _check_id(location.location_id, f"{path}.location_id", "the location id")
+        problems += check_id(location.location_id, f"{path}.location_id", "the location id")
         if location.location_id in seen:
             problems.append(FieldViolation(f"{path}.location_id", "appears twice in the request"))
         seen.add(location.location_id)
@@ -784,11 +774,11 @@ def validate_skus(skus: Sequence[Sku]) -> None:
     seen: set[str] = set()
     for index, sku in enumerate(skus):
         path = f"skus[{index}]"
-        problems += _check_id(sku.sku, f"{path}.sku", "the sku")
+        problems += check_id(sku.sku, f"{path}.sku", "the sku")
         if sku.sku in seen:
             problems.append(FieldViolation(f"{path}.sku", "appears twice in the request"))
         seen.add(sku.sku)
-        problems += _check_id(sku.product_id, f"{path}.product_id", "the product id")
+        problems += check_id(sku.product_id, f"{path}.product_id", "the product id")
         if not sku.name.strip():
             problems.append(FieldViolation(f"{path}.name", "a name is required"))
         problems += check_text(sku.name, f"{path}.name", MAX_NAME_LENGTH)

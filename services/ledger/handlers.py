@@ -81,7 +81,7 @@ class LedgerHandlers:
         lookup = await storage.look_up(
             conn,
             {m.sku for m in movements},
-            {key.location_id for m in movements for key in m.stock_keys()},
+            {key.location_id for m in movements for key in m.stock_keys},
             [m.key for m in movements],
         )
         domain.check_references(movements, lookup.known_skus, lookup.known_locations)
@@ -241,8 +241,7 @@ class LedgerHandlers:
             problems += domain.check_id(sku, "sku", "the sku")
         if location_id:
             problems += domain.check_id(location_id, "location_id", "the location id")
-        if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            problems.append(FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}"))
+        problems += _check_page_size(page_size)
         after = _sequence_token(page_token) if page_token else 0
         if after is None:
             problems.append(FieldViolation("page_token", "is not a token this service issued"))
@@ -273,9 +272,7 @@ class LedgerHandlers:
         self, *, product_id: str, page_size: int, page_token: str
     ) -> tuple[list[domain.Sku], str]:
         """One page of SKUs and the next page's token."""
-        problems = []
-        if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            problems.append(FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}"))
+        problems = _check_page_size(page_size)
         if product_id:
             problems += domain.check_id(product_id, "product_id", "the product id")
         if page_token:
@@ -289,6 +286,12 @@ class LedgerHandlers:
             )
         next_token = rows[limit - 1].sku if len(rows) > limit else ""
         return rows[:limit], next_token
+
+
+def _check_page_size(page_size: int) -> list[FieldViolation]:
+    if 0 <= page_size <= MAX_PAGE_SIZE:
+        return []
+    return [FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}")]
 
 
 def _sequence_token(token: str) -> int | None:

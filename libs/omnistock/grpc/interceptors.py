@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -158,31 +159,29 @@ class ErrorInterceptor(AsyncServerInterceptor):
         response = method(request_or_iterator, context)
         if hasattr(response, "__aiter__"):
             return self._stream(response, context, method_name)
-        try:
+        async with _mapped_errors(context, method_name):
             return await response
-        except DomainError as error:
-            await self._abort(context, method_name, error)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("grpc.unexpected_error", method=method_name)
-            await context.abort_with_status(internal_status())
-
-    async def _stream(
-        self, response: AsyncIterator[Any], context: Context, method_name: str
-    ) -> AsyncIterator[Any]:
-        try:
-            async for item in response:
-                yield item
-        except DomainError as error:
-            await self._abort(context, method_name, error)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("grpc.unexpected_error", method=method_name)
-            await context.abort_with_status(internal_status())
 
     @staticmethod
-    async def _abort(context: Context, method_name: str, error: DomainError) -> None:
+    async def _stream(
+        response: AsyncIterator[Any], context: Context, method_name: str
+    ) -> AsyncIterator[Any]:
+        async with _mapped_errors(context, method_name):
+            async for item in response:
+                yield item
+
+
+@asynccontextmanager
+async def _mapped_errors(context: Context, method_name: str) -> AsyncIterator[None]:
+    """The one place a failed call becomes a status: domain errors with their details,
+    anything unexpected as INTERNAL (logged here, never shown to the caller)."""
+    try:
+        yield
+    except DomainError as error:
         log.info("grpc.rejected", method=method_name, reason=error.reason, message=error.message)
         await context.abort_with_status(to_status(error))
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        log.exception("grpc.unexpected_error", method=method_name)
+        await context.abort_with_status(internal_status())

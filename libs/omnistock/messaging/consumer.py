@@ -131,7 +131,7 @@ class EventConsumer:
                     continue
                 except nats.errors.Error as error:
                     # A NATS hiccup (reconnecting, server restart): wait and fetch again.
-                    metrics.CONSUMER_FETCH_ERRORS.labels(consumer=self.name).inc()
+                    metrics.CONSUMER_ERRORS.labels(consumer=self.name).inc()
                     log.warning("consumer.fetch_failed", consumer=self.name, error=repr(error))
                     await asyncio.sleep(1.0)
                     continue
@@ -141,7 +141,7 @@ class EventConsumer:
                     except (nats.errors.Error, OSError, TimeoutError) as error:
                         # Acknowledging or dead-lettering failed: the message stays
                         # unacknowledged and JetStream delivers it again after ack_wait.
-                        metrics.CONSUMER_FETCH_ERRORS.labels(consumer=self.name).inc()
+                        metrics.CONSUMER_ERRORS.labels(consumer=self.name).inc()
                         log.warning("consumer.ack_failed", consumer=self.name, error=repr(error))
         finally:
             await subscription.unsubscribe()

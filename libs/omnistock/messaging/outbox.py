@@ -29,6 +29,9 @@ from omnistock.messaging.envelope import MSG_ID_HEADER, OutgoingEvent, wrap
 
 log = get_logger(__name__)
 
+# What a lost or refusing database raises; the relay logs these and carries on.
+_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
 # Far below NATS's default max_payload (1 MB), so any server configuration takes it.
 MAX_ENVELOPE_BYTES = 256 * 1024
 
@@ -138,7 +141,7 @@ class OutboxRelay:
             await self._release(listener)
         try:
             connection = await self._pool.acquire()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except _DATABASE_ERRORS as error:
             log.warning("outbox.listen_failed", schema=self._schema, error=repr(error))
             return None
         try:
@@ -146,7 +149,7 @@ class OutboxRelay:
         except BaseException as error:
             # A standby refuses LISTEN, or we are being cancelled: give the slot back.
             await self._release(connection)
-            if not isinstance(error, OSError | asyncpg.PostgresError | asyncpg.InterfaceError):
+            if not isinstance(error, _DATABASE_ERRORS):
                 raise
             log.warning("outbox.listen_failed", schema=self._schema, error=repr(error))
             return None
@@ -157,7 +160,7 @@ class OutboxRelay:
             if _usable(connection):
                 await connection.remove_listener(self._channel, self._on_notify)
             await self._pool.release(connection)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except _DATABASE_ERRORS as error:
             log.warning("outbox.release_failed", schema=self._schema, error=repr(error))
 
     async def _cycle(self) -> int:
@@ -173,7 +176,7 @@ class OutboxRelay:
     async def _guarded(self, action: Callable[[], Awaitable[object]]) -> None:
         try:
             await action()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except _DATABASE_ERRORS as error:
             log.warning("outbox.maintenance_failed", schema=self._schema, error=repr(error))
 
     def stop(self) -> None:
