@@ -27,6 +27,7 @@ from omni.ledger.v1 import ledger_service_pb2_grpc as pb_grpc
 from omni.ledger.v1 import resources_pb2 as res
 from omnistock.devstack.ports import free_port
 from omnistock.devstack.supervisor import ServiceProcess
+from omnistock.grpc.health import health_check
 
 RAW_TABLE = """
 CREATE TABLE IF NOT EXISTS bench_raw_movements (
@@ -77,11 +78,7 @@ async def scenarios(
                 skus=[res.Sku(sku=s, product_id="BENCH", name=s) for s in skus],
             )
         )
-        check = channel.unary_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
+        check = health_check(channel)
 
         def movements(worker: int, first: int, count: int) -> list[res.MovementInput]:
             # Each worker is one scanner on its own stock: like a real store floor.

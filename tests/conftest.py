@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from typing import TypeAlias
 
 import asyncpg
 import grpc
@@ -110,6 +110,10 @@ def ledger(ledger_channel: grpc.aio.Channel) -> ledger_grpc.StockLedgerServiceAs
     return stub
 
 
+# The async stub type exists only in the generated typing stubs.
+LedgerStub: TypeAlias = "ledger_grpc.StockLedgerServiceAsyncStub"
+
+
 class Network:
     """Fresh master data for one test: SKUs and locations nobody else uses."""
 
@@ -184,8 +188,3 @@ async def fresh_database(stack: EmbeddedStack) -> str:
 async def isolated_dsn(stack: EmbeddedStack) -> str:
     """A database of its own, for tests that tamper with data or count globally."""
     return await fresh_database(stack)
-
-
-def repo_root() -> Path:
-    """The repository root (for tools such as buf that read the protos)."""
-    return Path(__file__).resolve().parents[1]

@@ -15,7 +15,6 @@ import signal
 import sys
 import urllib.request
 from pathlib import Path
-from typing import TypeAlias
 
 import grpc
 import nats
@@ -28,8 +27,8 @@ from omni.ledger.v1 import ledger_service_pb2_grpc as pb_grpc
 from omni.ledger.v1 import resources_pb2 as res
 from omnistock.devstack.ports import free_port
 from omnistock.messaging.envelope import unpack
+from tests.conftest import LedgerStub
 
-Stub: TypeAlias = "pb_grpc.StockLedgerServiceAsyncStub"
 READY = "Omnistock is running"
 
 
@@ -100,7 +99,7 @@ async def test_make_run_serves_the_demo_and_restarts_on_the_same_data(tmp_path: 
         js = nc.jetstream()
         start = (await js.stream_info("OMNI_LEDGER")).state.last_seq + 1
         async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
-            ledger: Stub = pb_grpc.StockLedgerServiceStub(channel)
+            ledger: LedgerStub = pb_grpc.StockLedgerServiceStub(channel)
             before = await ledger.GetStockLevels(
                 pb.GetStockLevelsRequest(skus=["JKT-RAIN-NVY-M"], location_ids=["store-utrecht"])
             )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2
 
+from omnistock.grpc.health import health_check
 from omnistock.logs import get_logger
 
 log = get_logger(__name__)
@@ -40,12 +41,7 @@ class ServiceProcess:
         """Wait until the service's health check reports SERVING."""
         deadline = time.monotonic() + within
         async with grpc.aio.insecure_channel(self.grpc_address) as channel:
-            # The typing stubs of grpcio-health-checking omit HealthStub's methods.
-            check = channel.unary_unary(
-                "/grpc.health.v1.Health/Check",
-                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                response_deserializer=health_pb2.HealthCheckResponse.FromString,
-            )
+            check = health_check(channel)
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
                     raise RuntimeError(f"{self.name} exited with {self.process.returncode}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -38,13 +38,10 @@ MAX_ENVELOPE_BYTES = 256 * 1024
 
 async def append(
     conn: Connection, schema: str, producer: str, events: Sequence[OutgoingEvent]
-) -> list[str]:
-    """Write ``events`` to ``schema``'s outbox inside the caller's transaction.
-
-    Returns the event ids, in order.
-    """
+) -> None:
+    """Write ``events`` to ``schema``'s outbox inside the caller's transaction."""
     if not events:
-        return []
+        return
     envelopes = [wrap(event, producer) for event in events]
     for envelope in envelopes:
         # A row the relay can never publish would hold up every later event of the
@@ -63,7 +60,6 @@ async def append(
         [event.subject for event in events],
         [e.SerializeToString() for e in envelopes],
     )
-    return [e.event_id for e in envelopes]
 
 
 class OutboxRelay:
@@ -111,7 +107,7 @@ class OutboxRelay:
                 listener = await self._listen(listener)
                 published = await self._cycle()
                 if time.monotonic() - last_prune > 60:
-                    await self._guarded(self.prune)
+                    await self._prune_quietly()
                     last_prune = time.monotonic()
                 if published >= self._batch_size:
                     continue  # more waiting: go again without sleeping
@@ -173,9 +169,9 @@ class OutboxRelay:
             log.exception("outbox.relay_failed", schema=self._schema)
             return 0
 
-    async def _guarded(self, action: Callable[[], Awaitable[object]]) -> None:
+    async def _prune_quietly(self) -> None:
         try:
-            await action()
+            await self.prune()
         except _DATABASE_ERRORS as error:
             log.warning("outbox.maintenance_failed", schema=self._schema, error=repr(error))
 

@@ -7,20 +7,16 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import TypeAlias
 
 import grpc
 import pytest
 
 from omni.common.v1 import types_pb2
 from omni.ledger.v1 import ledger_service_pb2 as pb
-from omni.ledger.v1 import ledger_service_pb2_grpc as pb_grpc
 from omni.ledger.v1 import resources_pb2 as res
 from omnistock.service import RunningService
-from tests.conftest import Network
+from tests.conftest import LedgerStub, Network
 from tests.integration.helpers import failure
-
-Stub: TypeAlias = "pb_grpc.StockLedgerServiceAsyncStub"
 
 
 def location(location_id: str, name: str) -> res.Location:
@@ -35,7 +31,7 @@ def location(location_id: str, name: str) -> res.Location:
 
 
 async def test_upserting_locations_is_idempotent_per_request_id(
-    ledger: Stub, network: Network
+    ledger: LedgerStub, network: Network
 ) -> None:
     request = pb.UpsertLocationsRequest(
         request_id=f"req-{network.tag}", locations=[location(f"loc-{network.tag}", "Utrecht")]
@@ -59,7 +55,7 @@ async def test_upserting_locations_is_idempotent_per_request_id(
     assert names[f"loc-{network.tag}"] == "Utrecht"
 
 
-async def test_invalid_master_data_is_rejected_with_every_field_named(ledger: Stub) -> None:
+async def test_invalid_master_data_is_rejected_with_every_field_named(ledger: LedgerStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await ledger.UpsertSkus(
             pb.UpsertSkusRequest(
@@ -79,7 +75,7 @@ async def test_invalid_master_data_is_rejected_with_every_field_named(ledger: St
     assert failure(missing_id.value).violations[0][0] == "request_id"
 
 
-async def test_skus_page_in_id_order(ledger: Stub, network: Network) -> None:
+async def test_skus_page_in_id_order(ledger: LedgerStub, network: Network) -> None:
     created = await network.skus(5)
     product = f"P-{network.tag}"
     first = await ledger.ListSkus(pb.ListSkusRequest(product_id=product, page_size=3))
@@ -109,7 +105,7 @@ def buf_binary() -> str:
 
 
 async def test_a_reflection_client_gets_an_answer(
-    ledger_service: RunningService, ledger: Stub, network: Network
+    ledger_service: RunningService, ledger: LedgerStub, network: Network
 ) -> None:
     [store] = await network.locations(1)
     [sku] = await network.skus(1)

@@ -12,15 +12,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from omni.common.v1 import types_pb2
 from omni.ledger.v1 import ledger_service_pb2 as pb
-from omni.ledger.v1 import ledger_service_pb2_grpc as pb_grpc
 from omni.ledger.v1 import resources_pb2 as res
 from omnistock.db import Pool
-from tests.conftest import Network
+from tests.conftest import LedgerStub, Network
 from tests.integration.helpers import failure, ledger_row_counts
 
 SELLABLE = types_pb2.STOCK_STATE_SELLABLE
-# The async stub type exists only in the generated typing stubs.
-Stub: TypeAlias = "pb_grpc.StockLedgerServiceAsyncStub"
 
 
 def receipt(key: res.IdempotencyKey, sku: str, location: str, quantity: int) -> res.MovementInput:
@@ -35,7 +32,7 @@ def shipment(key: res.IdempotencyKey, sku: str, location: str, quantity: int) ->
     )
 
 
-async def on_hand(ledger: Stub, sku: str, location: str, state: int = SELLABLE) -> int:
+async def on_hand(ledger: LedgerStub, sku: str, location: str, state: int = SELLABLE) -> int:
     response = await ledger.GetStockLevels(
         pb.GetStockLevelsRequest(skus=[sku], location_ids=[location], include_zero=True)
     )
@@ -43,7 +40,7 @@ async def on_hand(ledger: Stub, sku: str, location: str, state: int = SELLABLE) 
 
 
 async def test_a_replayed_scanner_batch_returns_the_first_answer_and_counts_nothing_twice(
-    ledger: Stub, network: Network
+    ledger: LedgerStub, network: Network
 ) -> None:
     [store] = await network.locations(1)
     [sku] = await network.skus(1)
@@ -65,7 +62,7 @@ async def test_a_replayed_scanner_batch_returns_the_first_answer_and_counts_noth
 
 
 async def test_a_buffer_replayed_with_new_movements_counts_only_the_new_ones(
-    ledger: Stub, network: Network
+    ledger: LedgerStub, network: Network
 ) -> None:
     [store] = await network.locations(1)
     [sku] = await network.skus(1)
@@ -81,7 +78,7 @@ async def test_a_buffer_replayed_with_new_movements_counts_only_the_new_ones(
 
 
 async def test_a_key_reused_for_other_content_is_already_exists_and_writes_nothing(
-    ledger: Stub, network: Network, pool: Pool
+    ledger: LedgerStub, network: Network, pool: Pool
 ) -> None:
     [store] = await network.locations(1)
     [sku] = await network.skus(1)
@@ -231,7 +228,7 @@ BAD_BATCHES: dict[str, tuple[BuildBatch, grpc.StatusCode, str | None]] = {
 
 @pytest.mark.parametrize("case", list(BAD_BATCHES), ids=list(BAD_BATCHES))
 async def test_a_bad_batch_is_rejected_whole_with_a_clear_error_and_nothing_written(
-    case: str, ledger: Stub, network: Network, pool: Pool
+    case: str, ledger: LedgerStub, network: Network, pool: Pool
 ) -> None:
     [store] = await network.locations(1)
     [sku] = await network.skus(1)
@@ -251,7 +248,9 @@ async def test_a_bad_batch_is_rejected_whole_with_a_clear_error_and_nothing_writ
     assert await on_hand(ledger, sku, store) == 0
 
 
-async def test_every_problem_of_a_batch_is_reported_at_once(ledger: Stub, network: Network) -> None:
+async def test_every_problem_of_a_batch_is_reported_at_once(
+    ledger: LedgerStub, network: Network
+) -> None:
     [store] = await network.locations(1)
     [sku] = await network.skus(1)
 
@@ -273,7 +272,7 @@ async def test_every_problem_of_a_batch_is_reported_at_once(ledger: Stub, networ
 
 
 async def test_shrinking_below_zero_names_the_stock_and_quantities(
-    ledger: Stub, network: Network
+    ledger: LedgerStub, network: Network
 ) -> None:
     [store] = await network.locations(1)
     [sku] = await network.skus(1)
@@ -300,7 +299,7 @@ async def test_shrinking_below_zero_names_the_stock_and_quantities(
 
 
 async def test_many_concurrent_scanners_on_one_stock_sum_exactly(
-    ledger: Stub, network: Network
+    ledger: LedgerStub, network: Network
 ) -> None:
     [store] = await network.locations(1)
     [sku] = await network.skus(1)
@@ -333,7 +332,7 @@ async def test_many_concurrent_scanners_on_one_stock_sum_exactly(
 
 
 async def test_concurrent_opposite_transfers_do_not_deadlock(
-    ledger: Stub, network: Network
+    ledger: LedgerStub, network: Network
 ) -> None:
     a, b = await network.locations(2)
     skus = await network.skus(3)
@@ -374,7 +373,9 @@ async def test_concurrent_opposite_transfers_do_not_deadlock(
         assert await on_hand(ledger, sku, a, types_pb2.STOCK_STATE_IN_TRANSIT) == 8
 
 
-async def test_a_transfer_is_in_transit_until_received(ledger: Stub, network: Network) -> None:
+async def test_a_transfer_is_in_transit_until_received(
+    ledger: LedgerStub, network: Network
+) -> None:
     dc, store = await network.locations(2)
     [sku] = await network.skus(1)
     transfer = "TR-" + network.tag
@@ -412,7 +413,7 @@ async def test_a_transfer_is_in_transit_until_received(ledger: Stub, network: Ne
     assert info is not None and info.reason == "RECEIVED_MORE_THAN_SENT"
 
 
-async def test_a_cycle_count_records_the_difference(ledger: Stub, network: Network) -> None:
+async def test_a_cycle_count_records_the_difference(ledger: LedgerStub, network: Network) -> None:
     [store] = await network.locations(1)
     [sku] = await network.skus(1)
     await ledger.PostMovements(
@@ -430,7 +431,7 @@ async def test_a_cycle_count_records_the_difference(ledger: Stub, network: Netwo
     assert response.results[0].movement.counted_quantity == 6
 
 
-async def test_stock_as_of_a_past_time(ledger: Stub, network: Network) -> None:
+async def test_stock_as_of_a_past_time(ledger: LedgerStub, network: Network) -> None:
     [store] = await network.locations(1)
     [sku] = await network.skus(1)
     await ledger.PostMovements(
@@ -459,7 +460,7 @@ async def test_stock_as_of_a_past_time(ledger: Stub, network: Network) -> None:
     assert list(empty.levels) == []
 
 
-async def test_history_pages_in_ledger_order(ledger: Stub, network: Network) -> None:
+async def test_history_pages_in_ledger_order(ledger: LedgerStub, network: Network) -> None:
     [store] = await network.locations(1)
     [sku] = await network.skus(1)
     await ledger.PostMovements(
@@ -488,7 +489,7 @@ async def test_history_pages_in_ledger_order(ledger: Stub, network: Network) -> 
 
 
 async def test_concurrent_first_transfers_on_different_routes_cannot_both_win(
-    ledger: Stub, network: Network
+    ledger: LedgerStub, network: Network
 ) -> None:
     a, b, c, d = await network.locations(4)
     [sku] = await network.skus(1)
@@ -559,21 +560,21 @@ QUERY_ERRORS = {
 
 
 @pytest.mark.parametrize("case", list(QUERY_ERRORS), ids=list(QUERY_ERRORS))
-async def test_bad_stock_queries_are_invalid_argument(ledger: Stub, case: str) -> None:
+async def test_bad_stock_queries_are_invalid_argument(ledger: LedgerStub, case: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await ledger.GetStockLevels(QUERY_ERRORS[case])
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.parametrize("token", ["ffffffffffffffffffff", "p-1", "p0", "12", "pzz"])
-async def test_foreign_page_tokens_are_invalid_argument(ledger: Stub, token: str) -> None:
+async def test_foreign_page_tokens_are_invalid_argument(ledger: LedgerStub, token: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await ledger.ListMovements(pb.ListMovementsRequest(sku="A", page_token=token))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_a_batch_with_hundreds_of_problems_still_gets_a_readable_invalid_argument(
-    ledger: Stub, network: Network
+    ledger: LedgerStub, network: Network
 ) -> None:
     [store] = await network.locations(1)
     [sku] = await network.skus(1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TypeAlias
 
 import grpc
 import pytest
@@ -12,12 +11,13 @@ from prometheus_client import REGISTRY
 from omni.ledger.v1 import ledger_service_pb2 as pb
 from omni.ledger.v1 import ledger_service_pb2_grpc as pb_grpc
 from omnistock.db import Pool
+from omnistock.grpc.health import health_check
 from omnistock.grpc.interceptors import CORRELATION_HEADER
 from omnistock.service import start_service
 from omnistock.settings import Settings
 from services.ledger.app import SPEC as LEDGER
+from tests.conftest import LedgerStub
 
-Stub: TypeAlias = "pb_grpc.StockLedgerServiceAsyncStub"
 SERVICE = "omni.ledger.v1.StockLedgerService"
 
 
@@ -29,7 +29,7 @@ def handled(method: str, code: str) -> float:
     return value or 0.0
 
 
-async def test_every_rpc_is_counted_by_method_and_code(ledger: Stub) -> None:
+async def test_every_rpc_is_counted_by_method_and_code(ledger: LedgerStub) -> None:
     ok_before = handled("ListLocations", "OK")
     bad_before = handled("ListMovements", "INVALID_ARGUMENT")
     timed_before = (
@@ -55,7 +55,7 @@ async def test_every_rpc_is_counted_by_method_and_code(ledger: Stub) -> None:
     )
 
 
-async def test_the_correlation_id_is_echoed_and_generated_when_missing(ledger: Stub) -> None:
+async def test_the_correlation_id_is_echoed_and_generated_when_missing(ledger: LedgerStub) -> None:
     call = ledger.ListLocations(
         pb.ListLocationsRequest(), metadata=((CORRELATION_HEADER, "order-4711"),)
     )
@@ -74,7 +74,7 @@ async def test_stopping_lets_in_flight_calls_finish_and_refuses_new_ones(
 ) -> None:
     service = await start_service(LEDGER, settings, grpc_port=0, serve_metrics_endpoint=False)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
-        stub: Stub = pb_grpc.StockLedgerServiceStub(channel)
+        stub: LedgerStub = pb_grpc.StockLedgerServiceStub(channel)
 
         async def list_locations() -> pb.ListLocationsResponse:
             return await stub.ListLocations(pb.ListLocationsRequest())
@@ -116,19 +116,14 @@ async def test_a_background_task_that_dies_turns_the_service_not_serving(
         await asyncio.sleep(0.1)
 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
-            check = channel.unary_unary(
-                "/grpc.health.v1.Health/Check",
-                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                response_deserializer=health_pb2.HealthCheckResponse.FromString,
-            )
-            reply = await check(health_pb2.HealthCheckRequest())
+            reply = await health_check(channel)(health_pb2.HealthCheckRequest())
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await service.stop()
 
 
 async def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded(
-    ledger: Stub, pool: Pool
+    ledger: LedgerStub, pool: Pool
 ) -> None:
     before = handled("ListLocations", "DEADLINE_EXCEEDED")
     async with pool.acquire() as conn:

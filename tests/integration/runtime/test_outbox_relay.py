@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import TypeAlias
 
 import asyncpg
 import nats.errors
@@ -25,7 +24,6 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from omni.common.v1 import event_pb2
 from omni.ledger.v1 import events_pb2
 from omni.ledger.v1 import ledger_service_pb2 as pb
-from omni.ledger.v1 import ledger_service_pb2_grpc as pb_grpc
 from omni.ledger.v1 import resources_pb2 as res
 from omnistock.db import Connection, Pool
 from omnistock.devstack.ports import free_port
@@ -34,9 +32,7 @@ from omnistock.messaging.envelope import unpack
 from omnistock.service import RunningService
 from services.ledger import domain
 from services.ledger.handlers import LedgerHandlers
-from tests.conftest import Network
-
-Stub: TypeAlias = "pb_grpc.StockLedgerServiceAsyncStub"
+from tests.conftest import LedgerStub, Network
 
 
 def start_ledger_process(dsn: str, nats_url: str) -> subprocess.Popen[bytes]:
@@ -145,7 +141,7 @@ async def test_every_movement_lands_on_jetstream_exactly_once_through_relay_kill
 
 
 async def test_the_relay_survives_losing_its_listening_connection(
-    ledger_service: RunningService, ledger: Stub, network: Network, pool: Pool
+    ledger_service: RunningService, ledger: LedgerStub, network: Network, pool: Pool
 ) -> None:
     listeners = await pool.fetch(
         "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'LISTEN%omni_outbox_ledger%'"
