@@ -103,9 +103,9 @@ class EmbeddedPostgres:
         assert isinstance(entry, pwd.struct_passwd)
         ensure_prefix_permissions(self.data_dir)
         ensure_prefix_permissions(_bin_dir())
+        # start() created the data folder; the log file must be writable by the server too.
+        self.log_file.touch(exist_ok=True)
         for path in (self.data_dir, self.log_file):
-            if not path.exists():
-                path.touch() if path == self.log_file else path.mkdir(parents=True)
             os.chown(path, entry.pw_uid, entry.pw_gid)
         os.chmod(self.data_dir, 0o700)
         self._run_as = (entry.pw_uid, entry.pw_gid)
