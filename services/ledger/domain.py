@@ -732,22 +732,34 @@ MAX_SKUS_PER_REQUEST = 1000
 _BARCODE = re.compile(r"[0-9]{8,14}")
 
 
+def _check_master_batch(
+    field: str, id_field: str, ids: Sequence[str], noun: str, maximum: int
+) -> list[FieldViolation]:
+    """A batch of master data: not empty, not too large, every id well-formed and unique."""
+    problems: list[FieldViolation] = []
+    if not ids:
+        problems.append(FieldViolation(field, f"must contain at least one {noun}"))
+    if len(ids) > maximum:
+        problems.append(FieldViolation(field, f"at most {maximum} per request"))
+    seen: set[str] = set()
+    for index, identifier in enumerate(ids):
+        path = f"{field}[{index}].{id_field}"
+        problems += check_id(identifier, path, f"the {noun} id")
+        if identifier in seen:
+            problems.append(FieldViolation(path, "appears twice in the request"))
+        seen.add(identifier)
+    return problems
+
+
 def validate_locations(locations: Sequence[Location]) -> None:
     """Raise InvalidArgument naming every problem in a batch of locations."""
     problems: list[FieldViolation] = []
-    if not locations:
-        problems.append(FieldViolation("locations", "must contain at least one location"))
-    if len(locations) > MAX_LOCATIONS_PER_REQUEST:
-        problems.append(
-            FieldViolation("locations", f"at most {MAX_LOCATIONS_PER_REQUEST} per request")
-        )
-    seen: set[str] = set()
+    problems += _check_master_batch(
+        "locations", "location_id", [loc.location_id for loc in locations],
+        "location", MAX_LOCATIONS_PER_REQUEST,
+    )  # fmt: skip
     for index, location in enumerate(locations):
         path = f"locations[{index}]"
-        problems += check_id(location.location_id, f"{path}.location_id", "the location id")
-        if location.location_id in seen:
-            problems.append(FieldViolation(f"{path}.location_id", "appears twice in the request"))
-        seen.add(location.location_id)
         if location.kind is None:
             problems.append(FieldViolation(f"{path}.kind", "store or distribution centre"))
         if not location.name.strip():
@@ -767,17 +779,11 @@ def validate_locations(locations: Sequence[Location]) -> None:
 def validate_skus(skus: Sequence[Sku]) -> None:
     """Raise InvalidArgument naming every problem in a batch of SKUs."""
     problems: list[FieldViolation] = []
-    if not skus:
-        problems.append(FieldViolation("skus", "must contain at least one SKU"))
-    if len(skus) > MAX_SKUS_PER_REQUEST:
-        problems.append(FieldViolation("skus", f"at most {MAX_SKUS_PER_REQUEST} per request"))
-    seen: set[str] = set()
+    problems += _check_master_batch(
+        "skus", "sku", [sku.sku for sku in skus], "SKU", MAX_SKUS_PER_REQUEST
+    )
     for index, sku in enumerate(skus):
         path = f"skus[{index}]"
-        problems += check_id(sku.sku, f"{path}.sku", "the sku")
-        if sku.sku in seen:
-            problems.append(FieldViolation(f"{path}.sku", "appears twice in the request"))
-        seen.add(sku.sku)
         problems += check_id(sku.product_id, f"{path}.product_id", "the product id")
         if not sku.name.strip():
             problems.append(FieldViolation(f"{path}.name", "a name is required"))
