@@ -8,8 +8,9 @@ from omnistock.bootstrap import prepare
 from omnistock.migrations import MigrationSet, runtime_migrations
 from omnistock.service import ServiceSpec
 from services.ledger.app import SPEC as LEDGER
+from services.reservation.app import SPEC as RESERVATION
 
-SERVICES: list[ServiceSpec] = [LEDGER]
+SERVICES: list[ServiceSpec] = [LEDGER, RESERVATION]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STREAMS_FILE = REPO_ROOT / "deploy" / "nats" / "streams.yaml"
 

@@ -122,6 +122,7 @@ class Network:
         self.tag = uuid.uuid4().hex[:10]
         self.device = f"scanner-{self.tag}"
         self._sequence = 0
+        self._made = 0  # ids handed out, so a second call makes new ones
 
     def next_key(self, device: str | None = None) -> resources_pb2.IdempotencyKey:
         """The next idempotency key of this test's scanner."""
@@ -130,9 +131,14 @@ class Network:
             device_id=device or self.device, sequence=self._sequence
         )
 
+    def _next_numbers(self, count: int) -> range:
+        start = self._made
+        self._made += count
+        return range(start, start + count)
+
     async def locations(self, count: int = 2) -> list[str]:
         """Create ``count`` stores and return their ids."""
-        ids = [f"loc-{self.tag}-{i}" for i in range(count)]
+        ids = [f"loc-{self.tag}-{i}" for i in self._next_numbers(count)]
         await self.ledger.UpsertLocations(
             ledger_pb.UpsertLocationsRequest(
                 request_id=f"locations-{self.tag}-{count}-{uuid.uuid4().hex[:6]}",
@@ -152,7 +158,7 @@ class Network:
 
     async def skus(self, count: int = 1) -> list[str]:
         """Create ``count`` SKUs and return their ids."""
-        ids = [f"SKU-{self.tag}-{i}" for i in range(count)]
+        ids = [f"SKU-{self.tag}-{i}" for i in self._next_numbers(count)]
         await self.ledger.UpsertSkus(
             ledger_pb.UpsertSkusRequest(
                 request_id=f"skus-{self.tag}-{count}-{uuid.uuid4().hex[:6]}",

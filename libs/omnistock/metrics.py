@@ -142,3 +142,44 @@ def serve_metrics(host: str, port: int) -> MetricsEndpoint:
     """Serve the default registry on ``http://host:port/metrics`` in a thread."""
     server, thread = start_http_server(port, addr=host)
     return MetricsEndpoint(server=server, thread=thread)
+
+
+# -- group commit ---------------------------------------------------------------
+GROUP_COMMIT_BATCH_SIZE = Histogram(
+    "omni_group_commit_batch_size",
+    "Commands committed together in one transaction.",
+    ["committer"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+GROUP_COMMIT_QUEUE_SECONDS = Histogram(
+    "omni_group_commit_queue_seconds",
+    "Time a command waited for its batch to start.",
+    ["committer"],
+)
+GROUP_COMMIT_SECONDS = Histogram(
+    "omni_group_commit_batch_seconds",
+    "Duration of one batch's transaction, retries included.",
+    ["committer"],
+)
+
+# -- sweepers -------------------------------------------------------------------
+SWEEPER_RUNS = Counter(
+    "omni_sweeper_runs_total",
+    "Sweeper cycles, by outcome (ok, failed).",
+    ["sweeper", "outcome"],
+)
+SWEEPER_SECONDS = Histogram(
+    "omni_sweeper_run_seconds",
+    "Duration of one sweeper cycle.",
+    ["sweeper"],
+)
+SWEEPER_ITEMS = Counter(
+    "omni_sweeper_items_total",
+    "Items a sweeper acted on (holds expired, tasks timed out).",
+    ["sweeper"],
+)
+SWEEPER_LAST_SUCCESS = Gauge(
+    "omni_sweeper_last_success_timestamp_seconds",
+    "Unix time of the sweeper's last successful cycle.",
+    ["sweeper"],
+)

@@ -1,8 +1,9 @@
 """The lifecycle every Omnistock service shares.
 
-Start: pool → NATS → outbox relay and consumers → gRPC (health SERVING) → metrics.
+Start: pool → NATS → outbox relay and workers (consumers, sweepers, batchers)
+→ gRPC (health SERVING) → metrics.
 Stop (SIGTERM/SIGINT): health NOT_SERVING → gRPC stops with grace, draining
-in-flight calls → consumers and relay stop → NATS drains → pool closes.
+in-flight calls → workers and relay stop → NATS drains → pool closes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from google.protobuf.message import Message
 from nats.aio.client import Client
@@ -62,16 +64,31 @@ def consumer(
     )
 
 
+class Worker(Protocol):
+    """A background task of a service: a consumer, a sweeper, a batcher.
+
+    ``run`` works until ``stop`` is called and then returns; workers start
+    before the gRPC server and stop after it, so in-flight calls can finish.
+    """
+
+    name: str
+
+    async def run(self) -> None:
+        """Work until stopped."""
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return soon."""
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     """Everything the runtime needs to know about one service."""
 
     name: ServiceName
     migrations: MigrationSet
-    bindings: Callable[[ServiceContext], Sequence[ServiceBinding]]
-    consumers: Callable[[ServiceContext], Sequence[EventConsumer]] = field(
-        default=lambda _context: ()
-    )
+    # Builds the servicers and the workers from one context, so both can share
+    # objects (a servicer submits to a batcher that runs as a worker).
+    build: Callable[[ServiceContext], tuple[Sequence[ServiceBinding], Sequence[Worker]]]
 
     @property
     def schema(self) -> str:
@@ -87,7 +104,7 @@ class RunningService:
     context: ServiceContext
     grpc: GrpcServer
     relay: OutboxRelay
-    consumers: list[EventConsumer]
+    workers: list[Worker]
     tasks: list[asyncio.Task[None]]
     metrics_endpoint: MetricsEndpoint | None
 
@@ -95,7 +112,7 @@ class RunningService:
     _unhealthy: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
 
     def background_task_ended(self, task: asyncio.Task[None]) -> None:
-        """A relay or consumer must run until stop; if one ends early, stop serving.
+        """The relay and every worker must run until stop; if one ends early, stop serving.
 
         Health turns NOT_SERVING so the orchestrator restarts the process instead
         of leaving a service up whose events silently stopped flowing.
@@ -120,8 +137,8 @@ class RunningService:
         self.stopping = True
         settings = self.context.settings
         await self.grpc.stop(settings.grpc_shutdown_grace_seconds, settings.grpc_drain_seconds)
-        for consumer in self.consumers:
-            consumer.stop()
+        for worker in self.workers:
+            worker.stop()
         self.relay.stop()
         done, pending = await asyncio.wait(self.tasks, timeout=10)
         for task in pending:
@@ -164,12 +181,13 @@ async def start_service(
         poll_interval=settings.outbox_poll_interval_seconds,
         retention_hours=settings.outbox_retention_hours,
     )
-    consumers = list(spec.consumers(context))
+    bindings, built_workers = spec.build(context)
+    workers = list(built_workers)
     tasks = [asyncio.create_task(relay.run(), name=f"{spec.name}-outbox-relay")]
-    tasks += [asyncio.create_task(c.run(), name=c.name) for c in consumers]
+    tasks += [asyncio.create_task(w.run(), name=w.name) for w in workers]
 
     server = await start_grpc_server(
-        spec.bindings(context),
+        bindings,
         host=settings.grpc_host,
         port=settings.grpc_port(spec.name) if grpc_port is None else grpc_port,
     )
@@ -179,7 +197,7 @@ async def start_service(
             settings.metrics_host,
             settings.metrics_port(spec.name) if metrics_port is None else metrics_port,
         )
-    running = RunningService(spec, context, server, relay, consumers, tasks, endpoint)
+    running = RunningService(spec, context, server, relay, workers, tasks, endpoint)
     for task in tasks:
         task.add_done_callback(running.background_task_ended)
     log.info("service.started", service=spec.name, grpc_port=server.port,

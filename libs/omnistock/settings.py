@@ -72,6 +72,16 @@ class Settings(BaseSettings):
     outbox_batch_size: int = 256
     outbox_retention_hours: float = 24.0
     consumer_max_deliveries: int = 5
+    # Where services call each other; unset means grpc_host and the service's port.
+    ledger_target: str | None = None
+
+    # Reservation: sweeper cadence, how long a departure (shipment, transfer out)
+    # may leave holds uncovered before they are marked short, and how long a
+    # WatchAvailability reader may leave an update unread before it is dropped.
+    reservation_sweep_interval_seconds: float = 1.0
+    reservation_short_grace_seconds: float = 60.0
+    reservation_batch_max: int = 128
+    watch_max_lag_seconds: float = 10.0
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 
@@ -79,6 +89,11 @@ class Settings(BaseSettings):
         """The gRPC port of ``service``."""
         port: int = getattr(self, f"{service}_grpc_port")
         return port
+
+    def grpc_target(self, service: ServiceName) -> str:
+        """The address other services call ``service`` at."""
+        configured: str | None = getattr(self, f"{service}_target", None)
+        return configured or f"{self.grpc_host}:{self.grpc_port(service)}"
 
     def metrics_port(self, service: ServiceName) -> int:
         """The Prometheus metrics port of ``service``."""

@@ -7,15 +7,15 @@ from pathlib import Path
 
 from omnistock.grpc.server import ServiceBinding
 from omnistock.migrations import MigrationSet
-from omnistock.service import ServiceContext, ServiceSpec
+from omnistock.service import ServiceContext, ServiceSpec, Worker
 from services.ledger import grpc_api
 from services.ledger.handlers import LedgerHandlers
 
 MIGRATIONS = MigrationSet("ledger", Path(__file__).parent / "migrations")
 
 
-def _bindings(context: ServiceContext) -> Sequence[ServiceBinding]:
-    return [grpc_api.binding(LedgerHandlers(context.pool))]
+def _build(context: ServiceContext) -> tuple[Sequence[ServiceBinding], Sequence[Worker]]:
+    return [grpc_api.binding(LedgerHandlers(context.pool))], []
 
 
-SPEC = ServiceSpec(name="ledger", migrations=MIGRATIONS, bindings=_bindings)
+SPEC = ServiceSpec(name="ledger", migrations=MIGRATIONS, build=_build)

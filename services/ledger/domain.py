@@ -23,19 +23,15 @@ from enum import StrEnum
 from functools import cached_property
 
 from omnistock.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from omnistock.validation import check_id, check_reason, check_text
 
 MAX_BATCH_SIZE = 500
 MAX_QUANTITY = 1_000_000
 MAX_CLOCK_SKEW = timedelta(minutes=10)
 
-# fullmatch, never match: "$" would accept a trailing newline, and "scanner-7\n"
-# must not be a second device next to "scanner-7".
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
-REASON_PATTERN = re.compile(r"[A-Z][A-Z0-9_]{1,39}")
 MAX_REFERENCE_LENGTH = 128
 MAX_NAME_LENGTH = 200
 MAX_SHORT_TEXT_LENGTH = 80
-ID_RULE = "1-64 letters, digits or . _ : / -, starting with a letter or digit"
 
 
 class StockState(StrEnum):
@@ -277,38 +273,12 @@ def validate_batch(
     return [movement.normalised() for movement in movements]
 
 
-def check_id(value: str, path: str, what: str) -> list[FieldViolation]:
-    """Problems with an identifier (sku, location, device, transfer, product)."""
-    if not value:
-        return [FieldViolation(path, f"{what} is required")]
-    if not ID_PATTERN.fullmatch(value):
-        return [FieldViolation(path, f"{what} {value[:40]!r} is malformed; use {ID_RULE}")]
-    return []
-
-
-def check_text(value: str, path: str, limit: int) -> list[FieldViolation]:
-    """Problems with free text: too long, or holding control characters."""
-    if len(value) > limit:
-        return [FieldViolation(path, f"is {len(value)} characters long; at most {limit} allowed")]
-    if any(ord(char) < 32 or ord(char) == 127 for char in value):
-        return [FieldViolation(path, "must not contain control characters")]
-    return []
-
-
 def _check_quantity(value: int, path: str, minimum: int = 1) -> list[FieldViolation]:
     if value < minimum:
         lowest = "zero or more" if minimum == 0 else f"at least {minimum}"
         return [FieldViolation(path, f"must be {lowest}, got {value}")]
     if value > MAX_QUANTITY:
         return [FieldViolation(path, f"must be at most {MAX_QUANTITY}, got {value}")]
-    return []
-
-
-def _check_reason(value: str, path: str, required: bool) -> list[FieldViolation]:
-    if not value:
-        return [FieldViolation(path, "a reason code is required")] if required else []
-    if not REASON_PATTERN.fullmatch(value):
-        return [FieldViolation(path, f"{value[:40]!r} is not an UPPER_SNAKE reason code")]
     return []
 
 
@@ -360,7 +330,9 @@ def _validate_movement(movement: PostMovement, path: str, now: datetime) -> list
             problems += _check_quantity(
                 abs(detail.quantity_delta), f"{path}.adjustment.quantity_delta", 0
             )
-            problems += _check_reason(detail.reason_code, f"{path}.adjustment.reason_code", True)
+            problems += check_reason(
+                detail.reason_code, f"{path}.adjustment.reason_code", required=True
+            )
             problems += _check_state(detail.state, f"{path}.adjustment.state", False, _AT_REST)
         case TransferOut():
             sub = f"{path}.transfer_out"
@@ -400,7 +372,7 @@ def _validate_movement(movement: PostMovement, path: str, now: datetime) -> list
             problems += _check_state(detail.to_state, f"{sub}.to_state", True, _AT_REST)
             if detail.from_state is not None and detail.from_state == detail.to_state:
                 problems.append(FieldViolation(f"{sub}.to_state", "must differ from from_state"))
-            problems += _check_reason(detail.reason_code, f"{sub}.reason_code", False)
+            problems += check_reason(detail.reason_code, f"{sub}.reason_code", required=False)
     return problems
 
 

@@ -24,6 +24,7 @@ from omnistock.idempotency import (
 )
 from omnistock.messaging import outbox
 from omnistock.messaging.envelope import OutgoingEvent
+from omnistock.validation import check_id
 from services.ledger import convert, domain, storage
 from services.ledger import metrics as ledger_metrics
 
@@ -202,7 +203,7 @@ class LedgerHandlers:
             )
         for name, values in (("skus", skus), ("location_ids", locations)):
             for i, value in enumerate(values[:MAX_FILTER_VALUES]):
-                problems += domain.check_id(value, f"{name}[{i}]", "the identifier")
+                problems += check_id(value, f"{name}[{i}]", "the identifier")
         if as_of is not None and as_of > datetime.now(UTC):
             problems.append(FieldViolation("as_of", "is in the future; the ledger cannot know it"))
         if len(skus) > MAX_FILTER_VALUES:
@@ -238,9 +239,9 @@ class LedgerHandlers:
         if not sku and not location_id:
             problems.append(FieldViolation("sku", "give a sku, a location_id or both"))
         if sku:
-            problems += domain.check_id(sku, "sku", "the sku")
+            problems += check_id(sku, "sku", "the sku")
         if location_id:
-            problems += domain.check_id(location_id, "location_id", "the location id")
+            problems += check_id(location_id, "location_id", "the location id")
         problems += _check_page_size(page_size)
         after = _sequence_token(page_token) if page_token else 0
         if after is None:
@@ -274,9 +275,9 @@ class LedgerHandlers:
         """One page of SKUs and the next page's token."""
         problems = _check_page_size(page_size)
         if product_id:
-            problems += domain.check_id(product_id, "product_id", "the product id")
+            problems += check_id(product_id, "product_id", "the product id")
         if page_token:
-            problems += domain.check_id(page_token, "page_token", "a token this service issued")
+            problems += check_id(page_token, "page_token", "a token this service issued")
         if problems:
             raise InvalidArgument(problems)
         limit = page_size or DEFAULT_PAGE_SIZE

@@ -1,0 +1,1 @@
+"""The reservation service: holds that never oversell, and available-to-promise."""
