@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import grpc
 
 from omnistock.devstack.ports import free_port
 from omnistock.devstack.stack import EmbeddedStack
@@ -52,11 +56,24 @@ class Figure:
     operations: int
     units: int
     seconds: float
+    # Seconds each successful operation took (only when measured with ``measure_for``).
+    latencies: tuple[float, ...] = ()
+    # Failed operations by kind (status code and message), not counted in ``units``.
+    errors: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def units_per_second(self) -> float:
         """Throughput in the scenario's unit (movements, calls, rows)."""
         return self.units / self.seconds
+
+    def latency_ms(self, fraction: float) -> float:
+        """The ``fraction`` percentile (0.5, 0.99) of the operations' latency, in ms."""
+        return percentile(self.latencies, fraction) * 1000
+
+    @property
+    def failed(self) -> int:
+        """Operations that raised."""
+        return sum(self.errors.values())
 
 
 async def measure(
@@ -74,6 +91,85 @@ async def measure(
     elapsed = time.perf_counter() - started
     operations = workers * operations_each
     return Figure(name, operations, operations * units_per_operation, elapsed)
+
+
+def percentile(samples: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile of ``samples`` (``fraction`` 0.5 is the median); NaN if none."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    rank = min(len(ordered), max(1, math.ceil(fraction * len(ordered))))
+    return ordered[rank - 1]
+
+
+def describe_error(error: BaseException) -> str:
+    """A short, groupable description of a failed operation."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {(error.details() or '')[:80]}"
+    return f"{type(error).__name__}: {str(error)[:80]}"
+
+
+async def measure_for(
+    name: str, workers: int, seconds: float, operation: Callable[[int, int], Awaitable[None]],
+    *, units_per_operation: int = 1,
+) -> Figure:  # fmt: skip
+    """Run ``operation(worker, n)`` in a closed loop from ``workers`` concurrent workers
+    for ``seconds``, timing every call.
+
+    Calls started within the window count; the window closes when the last of them
+    returns. A call that raises is counted under ``errors`` and the loop goes on.
+    """
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    started = time.perf_counter()
+    stop_at = started + seconds
+
+    async def worker(number: int) -> None:
+        n = 0
+        while (began := time.perf_counter()) < stop_at:
+            try:
+                await operation(number, n)
+            except Exception as error:  # reported with the figure, never fatal
+                errors[describe_error(error)] += 1
+            else:
+                latencies.append(time.perf_counter() - began)
+            n += 1
+
+    await asyncio.gather(*(worker(w) for w in range(workers)))
+    elapsed = time.perf_counter() - started
+    done = len(latencies)
+    return Figure(
+        name, done + sum(errors.values()), done * units_per_operation, elapsed,
+        tuple(latencies), dict(errors),
+    )  # fmt: skip
+
+
+def print_latency_table(
+    title: str,
+    figures: Sequence[Figure],
+    unit: str,
+    baselines: Mapping[str, str],
+    notes: Mapping[str, str] | None = None,
+) -> None:
+    """Print throughput, p50/p99 latency and failures of each figure, its ratio to the
+    named baseline, and an optional note per figure."""
+    by_name = {f.name: f for f in figures}
+    notes = notes or {}
+    print(f"\n{title}")
+    header = f"  {'scenario':<40} {unit + '/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}"
+    print(f"{header}  {'ratio (rate, p99)':<28} note")
+    for figure in figures:
+        base = by_name.get(baselines.get(figure.name, ""))
+        ratio = ""
+        if base is not None:
+            rate = figure.units_per_second / base.units_per_second
+            tail = figure.latency_ms(0.99) / base.latency_ms(0.99)
+            ratio = f"{rate:5.2f} x, {tail:5.2f} x"
+        print(
+            f"  {figure.name:<40} {figure.units_per_second:>10,.0f} "
+            f"{figure.latency_ms(0.5):>8.2f} {figure.latency_ms(0.99):>8.2f} "
+            f"{figure.failed:>6}  {ratio:<28} {notes.get(figure.name, '')}"
+        )
 
 
 def print_table(title: str, figures: list[Figure], unit: str, baselines: dict[str, str]) -> None:

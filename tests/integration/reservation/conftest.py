@@ -31,8 +31,9 @@ from tests.conftest import LedgerStub, Network
 # The async stub type exists only in the generated typing stubs.
 ReservationStub: TypeAlias = "pb_grpc.ReservationServiceAsyncStub"
 T = TypeVar("T")
-CART = res.RESERVATION_KIND_CART
-ORDER = res.RESERVATION_KIND_ORDER
+Kind: TypeAlias = "res.ReservationKind.ValueType"
+CART: Kind = res.RESERVATION_KIND_CART
+ORDER: Kind = res.RESERVATION_KIND_ORDER
 
 
 def reservation_settings(settings: Settings, ledger: RunningService) -> Settings:
@@ -138,7 +139,9 @@ class Shop:
     async def add_sku(self) -> str:
         """One more SKU, once the reservation service knows it."""
         sku = (await self.network.skus(1))[0]
-        await eventually(lambda: self.availability([sku]), lambda found: len(found.availability) > 0)
+        await eventually(
+            lambda: self.availability([sku]), lambda found: len(found.availability) > 0
+        )
         return sku
 
     async def set_rules(
@@ -209,9 +212,7 @@ class Shop:
     ) -> pb.GetAvailabilityResponse:
         """GetAvailability for this shop's channel."""
         return await self.reservations.GetAvailability(
-            pb.GetAvailabilityRequest(
-                channel=self.channel, skus=skus, location_ids=locations or []
-            )
+            pb.GetAvailabilityRequest(channel=self.channel, skus=skus, location_ids=locations or [])
         )
 
     async def figure(self, sku: str, store: str) -> res.Availability:
@@ -223,7 +224,7 @@ class Shop:
         self,
         lines: list[tuple[str, str, int]],
         *,
-        kind: int = CART,
+        kind: Kind = CART,
         reference: str | None = None,
         request_id: str | None = None,
         ttl_seconds: int | None = None,
@@ -246,7 +247,7 @@ def reserve_request(
     channel: str,
     lines: list[tuple[str, str, int]],
     *,
-    kind: int = CART,
+    kind: Kind = CART,
     reference: str = "cart-1",
     request_id: str = "",
     ttl_seconds: int | None = None,
