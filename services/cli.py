@@ -19,7 +19,7 @@ from omnistock.messaging.dead_letters import read_dead_letters, replay
 from omnistock.migrations import migrate
 from omnistock.nats_client import connect
 from omnistock.settings import Settings
-from services.demo import load_demo, read_demo
+from services.demo import DemoSummary, load_demo, read_demo
 from services.ledger.audit import audit
 from services.registry import SERVICES, STREAMS_FILE, all_migrations, prepare_all
 
@@ -86,13 +86,20 @@ async def _wait_and_load(
     for process in processes:
         await process.wait_serving()
     if load_demo_data:
-        address = f"{settings.grpc_host}:{settings.ledger_grpc_port}"
-        async with grpc.aio.insecure_channel(address) as channel:
-            summary = await load_demo(channel, read_demo())
+        summary = await _load(settings.grpc_target("ledger"), settings.grpc_target("reservation"))
         typer.echo(
             f"demo data: {summary.locations} locations, {summary.skus} SKUs, "
-            f"{summary.receipts} opening receipts ({summary.newly_recorded} newly recorded)"
+            f"{summary.receipts} opening receipts ({summary.newly_recorded} newly recorded), "
+            f"{summary.channels} channels"
         )
+
+
+async def _load(ledger_address: str, reservation_address: str) -> DemoSummary:
+    async with (
+        grpc.aio.insecure_channel(ledger_address) as ledger,
+        grpc.aio.insecure_channel(reservation_address) as reservation,
+    ):
+        return await load_demo(ledger, reservation, read_demo())
 
 
 def _print_endpoints(settings: Settings, database_url: str, nats_url: str) -> None:
@@ -134,15 +141,12 @@ def demo_load(
     ledger_address: Annotated[str, typer.Option(help="host:port of the ledger")] = (
         "127.0.0.1:50051"
     ),
+    reservation_address: Annotated[
+        str, typer.Option(help="host:port of the reservation service")
+    ] = "127.0.0.1:50052",
 ) -> None:
     """Load the demo network into a running system (idempotent)."""
-
-    async def run() -> None:
-        async with grpc.aio.insecure_channel(ledger_address) as channel:
-            summary = await load_demo(channel, read_demo())
-        typer.echo(f"{summary}")
-
-    asyncio.run(run())
+    typer.echo(f"{asyncio.run(_load(ledger_address, reservation_address))}")
 
 
 def _nats_url(settings: Settings) -> str:

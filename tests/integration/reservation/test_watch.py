@@ -12,8 +12,9 @@ from omni.reservation.v1 import reservation_service_pb2 as pb
 from omni.reservation.v1 import reservation_service_pb2_grpc as pb_grpc
 from omni.reservation.v1 import resources_pb2 as res
 from omnistock.service import RunningService
+from tests.conftest import ReservationStub
 from tests.integration.helpers import failure
-from tests.integration.reservation.conftest import ReservationStub, Shop
+from tests.integration.reservation.conftest import Shop
 
 
 class Watch:
