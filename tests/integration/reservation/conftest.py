@@ -61,6 +61,26 @@ async def reservation_service(
     await service.stop()
 
 
+@pytest.fixture
+async def second_replica(
+    settings: Settings, ledger_service: RunningService
+) -> AsyncIterator[ReservationStub]:
+    """A second reservation replica on the same database and NATS, for one test."""
+    service = await start_service(
+        RESERVATION,
+        reservation_settings(settings, ledger_service),
+        grpc_port=0,
+        serve_metrics_endpoint=False,
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+    try:
+        stub: ReservationStub = pb_grpc.ReservationServiceStub(channel)
+        yield stub
+    finally:
+        await channel.close()
+        await service.stop()
+
+
 @pytest.fixture(scope="session")
 async def reservation_channel(
     reservation_service: RunningService,

@@ -4,44 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 
 import grpc
-import pytest
 
-from omni.reservation.v1 import reservation_service_pb2_grpc as pb_grpc
 from omnistock.db import Pool
-from omnistock.service import RunningService, start_service
-from omnistock.settings import Settings
-from services.reservation.app import SPEC as RESERVATION
 from tests.conftest import ReservationStub
 from tests.integration.helpers import failure
 from tests.integration.reservation.conftest import (
     ORDER,
     Shop,
-    reservation_settings,
     reserve_request,
 )
-
-
-@pytest.fixture
-async def second_replica(
-    settings: Settings, ledger_service: RunningService
-) -> AsyncIterator[ReservationStub]:
-    """A second reservation replica on the same database and NATS."""
-    service = await start_service(
-        RESERVATION,
-        reservation_settings(settings, ledger_service),
-        grpc_port=0,
-        serve_metrics_endpoint=False,
-    )
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
-    try:
-        stub: ReservationStub = pb_grpc.ReservationServiceStub(channel)
-        yield stub
-    finally:
-        await channel.close()
-        await service.stop()
 
 
 async def held_in_database(pool: Pool, sku: str, store: str) -> tuple[int, int]:
