@@ -88,10 +88,18 @@ class GroupCommitter(Generic[C, R]):
         for _, _, queued_at in batch:
             metrics.GROUP_COMMIT_QUEUE_SECONDS.labels(**labels).observe(started - queued_at)
         try:
-            outcomes = await self._process([command for command, _, _ in batch])
+            outcomes = list(await self._process([command for command, _, _ in batch]))
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"{self.name}: {len(outcomes)} outcomes for {len(batch)}")
         except Exception as error:  # the whole batch rolled back; each caller sees why
             log.warning("group_commit.batch_failed", committer=self.name, error=repr(error))
             outcomes = [error] * len(batch)
+        except asyncio.CancelledError:
+            # Cancelled mid-transaction (a forced stop): nobody may wait for ever.
+            for _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(RuntimeError(f"{self.name} stopped"))
+            raise
         metrics.GROUP_COMMIT_SECONDS.labels(**labels).observe(time.perf_counter() - started)
         for (_, future, _), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # the caller went away (cancelled call)

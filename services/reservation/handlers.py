@@ -763,10 +763,11 @@ class ReservationHandlers:
             if line.key == row.key and line.status is LineStatus.ACTIVE
         ]
         chosen = domain.lines_to_short(row, [line for _, line in newest_first])
+        # lines_to_short takes a prefix of the newest-first lines. Lines of two
+        # reservations can be equal as values, so pick by position, not by value.
         by_reservation: dict[str, list[domain.Line]] = {}
-        for rid, line in newest_first:
-            if line in chosen:
-                by_reservation.setdefault(rid, []).append(line)
+        for rid, line in newest_first[: len(chosen)]:
+            by_reservation.setdefault(rid, []).append(line)
         now = datetime.now(UTC)
         events = []
         shorted = []
