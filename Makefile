@@ -76,6 +76,7 @@ check: lint typecheck buf-lint deploy-check test ## Everything CI runs.
 bench: gen ## Benchmarks with same-run baselines: ledger PostMovements, JetStream fsync policy.
 	$(PY) -m benchmarks.ledger_post_movements
 	$(PY) -m benchmarks.jetstream_sync
+	$(PY) -m benchmarks.reservation_reserve
 
 audit: gen ## Prove that on-hand equals the sum of movements (needs OMNI_DATABASE_URL or a running `make run`).
 	$(BIN)/omni ledger audit

@@ -151,25 +151,29 @@ def print_latency_table(
     baselines: Mapping[str, str],
     notes: Mapping[str, str] | None = None,
 ) -> None:
-    """Print throughput, p50/p99 latency and failures of each figure, its ratio to the
-    named baseline, and an optional note per figure."""
+    """Print throughput, p50/p99 latency and failures of each figure, its ratios to the
+    named baseline, and an optional note per figure on the line below it."""
     by_name = {f.name: f for f in figures}
     notes = notes or {}
     print(f"\n{title}")
-    header = f"  {'scenario':<40} {unit + '/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}"
-    print(f"{header}  {'ratio (rate, p99)':<28} note")
+    print(
+        f"  {'scenario':<40} {unit + '/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}"
+        "  ratio to baseline: rate, p99"
+    )
     for figure in figures:
         base = by_name.get(baselines.get(figure.name, ""))
         ratio = ""
         if base is not None:
             rate = figure.units_per_second / base.units_per_second
             tail = figure.latency_ms(0.99) / base.latency_ms(0.99)
-            ratio = f"{rate:5.2f} x, {tail:5.2f} x"
+            ratio = f"{rate:5.2f} x, {tail:5.2f} x  ({base.name})"
         print(
             f"  {figure.name:<40} {figure.units_per_second:>10,.0f} "
             f"{figure.latency_ms(0.5):>8.2f} {figure.latency_ms(0.99):>8.2f} "
-            f"{figure.failed:>6}  {ratio:<28} {notes.get(figure.name, '')}"
+            f"{figure.failed:>6}  {ratio}"
         )
+        if notes.get(figure.name):
+            print(f"      {notes[figure.name]}")
 
 
 def print_table(title: str, figures: list[Figure], unit: str, baselines: dict[str, str]) -> None:

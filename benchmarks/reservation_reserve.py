@@ -26,9 +26,10 @@ inside this process instead, as the test harness does):
   reservation outbox → JetStream → watch hub → stream. Baselines: a core NATS
   publish → receive and one acknowledged JetStream publish on the same server.
 
-Besides each Reserve figure the service's own metrics are shown: the mean group
+Below each Reserve figure the service's own metrics are shown: the mean group
 commit batch, transaction and queue time, the server-side handling time, and
-the reservation outbox backlog left when the load stopped.
+how many events per second went into and out of the reservation outbox (events
+left unpublished delay every availability update behind them).
 
 The aims printed at the end report; they do not gate (the exit code is 0).
 
@@ -100,6 +101,7 @@ HOT_ROW_UPDATE = (
 )
 
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+Operation = Callable[[int, int], Awaitable[None]]  # (worker, n) -> one call
 
 
 @dataclass(frozen=True)
@@ -311,9 +313,6 @@ class Shop:
         return operation
 
 
-Operation = Callable[[int, int], Awaitable[None]]
-
-
 async def eventually(probe: Callable[[], Awaitable[object]]) -> None:
     """Call ``probe`` until it stops raising (the service learns master data by events)."""
     deadline = time.monotonic() + WAIT_WITHIN
@@ -378,21 +377,36 @@ async def load_figures(
         ]
         for name, operation, rpc in cases:
             await measure_for("warm-up", count, warm_up, operation)
-            before = parse_metrics(await endpoints.metrics())
+            before = await snapshot(endpoints, pool)
             figure = await measure_for(name, count, seconds, operation)
-            after = parse_metrics(await endpoints.metrics())
+            after = await snapshot(endpoints, pool)
             figures.append(figure)
             notes[name] = await case_notes(pool, before, after, rpc, figure)
             print(f"  measured {name}: {figure.units_per_second:,.0f}/s", flush=True)
     return figures, notes
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """The services' metrics and the reservation outbox's size at one moment."""
+
+    metrics: Metrics
+    outbox_events: int  # events ever written to the reservation outbox (its highest id)
+
+
+async def snapshot(endpoints: Endpoints, pool: asyncpg.Pool[asyncpg.Record]) -> Snapshot:
+    """Read the services' metrics and the reservation outbox's highest id."""
+    top: int = await pool.fetchval("SELECT coalesce(max(id), 0) FROM reservation.outbox")
+    return Snapshot(parse_metrics(await endpoints.metrics()), top)
+
+
 async def case_notes(
-    pool: asyncpg.Pool[asyncpg.Record], before: Metrics, after: Metrics, rpc: str, figure: Figure
+    pool: asyncpg.Pool[asyncpg.Record], start: Snapshot, end: Snapshot, rpc: str, figure: Figure
 ) -> str:
     """The service-side view of a scenario, from its metrics and its outbox."""
     if not rpc:
         return ""
+    before, after = start.metrics, end.metrics
     server = mean_of(before, after, "grpc_server_handling_seconds", grpc_method=rpc) * 1000
     parts = [f"server {server:.2f} ms"]
     if rpc == "Reserve":
@@ -402,13 +416,19 @@ async def case_notes(
         batch = mean_of(before, after, "omni_group_commit_batch_size", committer=COMMITTER)
         txn = mean_of(before, after, "omni_group_commit_batch_seconds", committer=COMMITTER) * 1000
         queued = mean_of(before, after, "omni_group_commit_queue_seconds", committer=COMMITTER)
+        written = (end.outbox_events - start.outbox_events) / figure.seconds
+        relayed = (
+            metric_delta(before, after, "omni_outbox_published_total", service="reservation")
+            / figure.seconds
+        )
         backlog = await outbox_backlog(pool, "reservation")
         drained = await drain_outbox(pool)
         parts += [
             f"batch {batch:.1f} x {batches / figure.seconds:.0f}/s",
             f"txn {txn:.1f} ms",
             f"queued {queued * 1000:.1f} ms",
-            f"outbox backlog {backlog} (drained in {drained:.1f} s)",
+            f"outbox {written:,.0f} events/s in, {relayed:,.0f}/s out, "
+            f"{backlog:,} left (drained in {drained:.1f} s)",
         ]
     for error, times in figure.errors.items():
         parts.append(f"{times} x {error}")
@@ -557,6 +577,7 @@ class Results:
 async def run(
     clients: Sequence[int], seconds: float, warm_up: float, samples: int, in_process: bool
 ) -> Results:
+    """Start the stack and both services, measure everything, stop it all."""
     async with bench_stack() as stack:
         start = services_in_process if in_process else service_processes
         async with start(stack) as endpoints:
@@ -568,6 +589,7 @@ async def scenarios(
     stack: EmbeddedStack, endpoints: Endpoints, clients: Sequence[int],
     seconds: float, warm_up: float, samples: int,
 ) -> Results:  # fmt: skip
+    """Build the shop, then the load cases, propagation, NATS baselines and a consistency check."""
     async with (
         grpc.aio.insecure_channel(endpoints.ledger) as ledger_channel,
         grpc.aio.insecure_channel(endpoints.reservation) as reservation_channel,
@@ -631,6 +653,7 @@ async def check_holds(shop: Shop, placed: Counter[str]) -> list[str]:
 
 
 def report(results: Results, clients: Sequence[int]) -> None:
+    """Print the figures, the propagation, the consistency check and the aims."""
     figures = results.load
     by_name = {f.name: f for f in figures}
     baselines = {}
@@ -640,14 +663,19 @@ def report(results: Results, clients: Sequence[int]) -> None:
         baselines[f"Reserve, distinct SKUs, {count:>2} clients"] = noop
         baselines[f"Reserve, one hot SKU, {count:>2} clients"] = raw
     print_latency_table(
-        "Reserve of 1 unit, closed loop (calls per second; ratio to the baseline named in the "
-        "legend)",
+        "Reserve of 1 unit vs baselines, closed loop, each case "
+        f"{figures[0].seconds:.0f} s after a warm-up",
         figures,
         "calls",
         baselines,
         results.notes,
     )
-    print("  ratio legend: distinct SKUs vs the no-op gRPC call; hot SKU vs the raw hot-row UPDATE")
+    print(
+        "  notes: server = mean handling time in the reservation server; batch = mean holds per\n"
+        "  group-commit transaction x transactions/s; txn = mean transaction; queued = mean wait\n"
+        "  for a batch; outbox = reservation events written and published per second, and the\n"
+        "  unpublished ones left when the load stopped."
+    )
 
     watched = results.propagation
     print(f"\nAvailability propagation ({len(watched.from_recorded.latencies)} samples, "
@@ -704,12 +732,15 @@ def main() -> None:
                         help="run both services inside the benchmark's process")  # fmt: skip
     args = parser.parse_args()
     clients = sorted({int(c) for c in args.clients.split(",")})
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     results = asyncio.run(run(clients, args.seconds, args.warm_up, args.samples, args.in_process))
     report(results, clients)
     where = "in this process" if args.in_process else "in their own processes"
-    print(f"\n  ran {time.perf_counter() - started:.0f} s; services {where}; "
-          f"{os.cpu_count()} CPUs")  # fmt: skip
+    print(
+        f"\n  ran {time.perf_counter() - started:.0f} s; services {where}; {os.cpu_count()} CPUs;"
+        f" 1-minute load average before the run {load_before:.1f} (well above 0: something else"
+        " was using the CPUs)"
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def _build(context: ServiceContext) -> tuple[Sequence[ServiceBinding], Sequence[
         handlers.committer,
         ledger_consumer(context, handlers),
         fulfilment_consumer(context, handlers),
-        AvailabilityFeed(context.nats, hub),
+        AvailabilityFeed(context.nats, hub, lag_check_interval=settings.watch_max_lag_seconds / 4),
         Sweeper(
             "reservation-expiry",
             lambda: handlers.expire_due(EXPIRY_BATCH),

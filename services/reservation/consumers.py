@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
@@ -138,9 +139,10 @@ class AvailabilityFeed:
 
     name = "reservation-availability-feed"
 
-    def __init__(self, nats: Client, hub: AvailabilityHub) -> None:
+    def __init__(self, nats: Client, hub: AvailabilityHub, lag_check_interval: float) -> None:
         self._nats = nats
         self._hub = hub
+        self._lag_check_interval = lag_check_interval
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -150,7 +152,10 @@ class AvailabilityFeed:
             await self._nats.subscribe(RULES_SUBJECT, cb=self._on_rules),
         ]
         try:
-            await self._stopping.wait()
+            while not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self._lag_check_interval)
+                self._hub.drop_lagging()
         finally:
             for subscription in subscriptions:
                 await subscription.unsubscribe()

@@ -4,7 +4,8 @@ Pure asyncio, no I/O: the feed (``consumers.AvailabilityFeed``) offers every
 figure it hears on NATS; each subscription keeps at most one unsent figure per
 (sku, location), so a slow reader costs memory bounded by what it watches, and
 never stalls the feed or other readers. A reader whose oldest unsent figure
-waited longer than ``max_lag`` is dropped and told to resubscribe.
+waited longer than ``max_lag`` is dropped and told to resubscribe (checked on
+every change and periodically by the feed).
 """
 
 from __future__ import annotations
@@ -135,6 +136,17 @@ class AvailabilityHub:
                     subscription.offer(figure, now)
                     if subscription.waited(now) > self._max_lag:
                         self._drop(subscription)
+
+    def drop_lagging(self) -> int:
+        """Drop every subscription whose oldest unsent figure waited over ``max_lag``.
+
+        Called periodically, so a reader is told even when no new change arrives.
+        """
+        now = self._clock()
+        lagging = [s for s in self._all if s.waited(now) > self._max_lag]
+        for subscription in lagging:
+            self._drop(subscription)
+        return len(lagging)
 
     def rules_changed(self) -> None:
         """Every figure may have changed: each stream re-reads its snapshot."""

@@ -241,6 +241,23 @@ def test_a_reader_that_falls_behind_is_dropped_and_others_keep_receiving() -> No
     assert slow.take() == [figure("SKU-1", "store-a", 2)]  # nothing after the drop
 
 
+def test_a_reader_left_behind_by_the_last_change_is_dropped_by_the_periodic_check() -> None:
+    hub_, clock = hub(max_lag=5.0)
+    slow = hub_.subscribe("web", ["SKU-1"], ["store-a"])
+    fast = hub_.subscribe("web", ["SKU-1"], ["store-a"])
+    hub_.publish([figure("SKU-1", "store-a", 1)])  # the last change for a while
+    fast.take()
+
+    clock.advance(4.0)
+    assert hub_.drop_lagging() == 0
+    clock.advance(2.0)
+    assert hub_.drop_lagging() == 1
+
+    assert slow.fell_behind and slow.ready.is_set()
+    assert not fast.fell_behind
+    assert hub_.subscriber_count == 1
+
+
 def test_waiting_exactly_max_lag_is_not_falling_behind() -> None:
     hub_, clock = hub(max_lag=5.0)
     watcher = hub_.subscribe("web", ["SKU-1"], ["store-a"])
