@@ -8,14 +8,11 @@ of the batch, so the caller gets all of them in one answer.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from functools import lru_cache
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from omni.common.v1 import types_pb2
 from omni.ledger.v1 import events_pb2, resources_pb2
 from omnistock.errors import FieldViolation, InvalidArgument
+from omnistock.wire import timestamp_in, timestamp_out
 from services.ledger import domain
 
 _STATES = {
@@ -59,18 +56,6 @@ def location_kind_in(value: int) -> domain.LocationKind | None:
     return _LOCATION_KINDS.get(types_pb2.LocationKind.ValueType(value))
 
 
-def timestamp_in(stamp: Timestamp, present: bool, field: str) -> datetime | None:
-    """An aware datetime, or None when the field was not set."""
-    if not present:
-        return None
-    try:
-        return stamp.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError) as error:
-        raise InvalidArgument(
-            [FieldViolation(field, f"is not a valid timestamp ({error})")]
-        ) from error
-
-
 def states_filter(values: Sequence[int], field: str) -> list[domain.StockState]:
     """Stock states asked for in a query; an unknown or unspecified value is an error."""
     states = [state_in(value) for value in values]
@@ -88,20 +73,6 @@ def location_kind_filter(value: int) -> domain.LocationKind | None:
     if kind is None:
         raise InvalidArgument([FieldViolation("kind", f"{value} is not a known location kind")])
     return kind
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@lru_cache(maxsize=4096)
-def timestamp_out(moment: datetime) -> Timestamp:
-    """A protobuf timestamp (cached: a batch shares one recorded_at).
-
-    Callers only copy the result into other messages, never change it.
-    """
-    # Exact integer arithmetic; Timestamp.FromDatetime is several times slower.
-    delta = moment - _EPOCH
-    return Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
 def movement_in(message: resources_pb2.MovementInput, index: int) -> domain.PostMovement:

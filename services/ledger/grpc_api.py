@@ -5,6 +5,7 @@ from __future__ import annotations
 from omni.ledger.v1 import ledger_service_pb2 as pb
 from omni.ledger.v1 import ledger_service_pb2_grpc as pb_grpc
 from omni.ledger.v1 import resources_pb2
+from omnistock import wire
 from omnistock.grpc import Context
 from omnistock.grpc.server import ServiceBinding
 from services.ledger import convert
@@ -33,7 +34,7 @@ class StockLedgerServicer(pb_grpc.StockLedgerServiceServicer):
     async def GetStockLevels(
         self, request: pb.GetStockLevelsRequest, context: Context
     ) -> pb.GetStockLevelsResponse:
-        as_of = convert.timestamp_in(request.as_of, request.HasField("as_of"), "as_of")
+        as_of = wire.timestamp_in(request.as_of, request.HasField("as_of"), "as_of")
         states = convert.states_filter(request.states, "states")
         levels = await self._handlers.stock_levels(
             skus=list(request.skus),
@@ -48,7 +49,7 @@ class StockLedgerServicer(pb_grpc.StockLedgerServiceServicer):
                     stock=convert.stock_key_out(key),
                     on_hand=on_hand,
                     balance_version=version,
-                    updated_at=convert.timestamp_out(updated_at),
+                    updated_at=wire.timestamp_out(updated_at),
                 )
                 for key, on_hand, version, updated_at in levels
             ]
@@ -65,10 +66,10 @@ class StockLedgerServicer(pb_grpc.StockLedgerServiceServicer):
         rows, next_token = await self._handlers.history(
             sku=request.sku,
             location_id=request.location_id,
-            recorded_from=convert.timestamp_in(
+            recorded_from=wire.timestamp_in(
                 request.recorded_from, request.HasField("recorded_from"), "recorded_from"
             ),
-            recorded_to=convert.timestamp_in(
+            recorded_to=wire.timestamp_in(
                 request.recorded_to, request.HasField("recorded_to"), "recorded_to"
             ),
             page_size=request.page_size,
@@ -81,8 +82,8 @@ class StockLedgerServicer(pb_grpc.StockLedgerServiceServicer):
                     movement_id=movement.movement_id,
                     kind=convert.kind_out(movement.kind),
                     key=convert.key_out(movement.key),
-                    occurred_at=convert.timestamp_out(movement.occurred_at),
-                    recorded_at=convert.timestamp_out(movement.recorded_at),
+                    occurred_at=wire.timestamp_out(movement.occurred_at),
+                    recorded_at=wire.timestamp_out(movement.recorded_at),
                     reason_code=movement.reason_code,
                     reference=movement.reference,
                 )

@@ -24,6 +24,7 @@ from omni.fulfilment.v1 import events_pb2 as fulfilment_events
 from omni.ledger.v1 import events_pb2 as ledger_events
 from omni.ledger.v1 import resources_pb2 as ledger_resources
 from omni.reservation.v1 import events_pb2
+from omnistock import wire
 from omnistock.db import Connection
 from omnistock.logs import get_logger
 from omnistock.messaging.consumer import EventConsumer
@@ -54,7 +55,7 @@ def stock_moved_facts(event: ledger_events.StockMoved) -> StockMovedFacts:
     movement = event.movement
     return StockMovedFacts(
         kind=_MOVEMENT_KINDS.get(movement.kind, "unspecified"),
-        recorded_at=convert.timestamp_in(movement.recorded_at),
+        recorded_at=wire.to_datetime(movement.recorded_at),
         postings=tuple(
             Posting(p.stock.sku, p.stock.location_id, p.on_hand_after, p.balance_version)
             for p in movement.postings

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
+from datetime import datetime
 
 from omni.reservation.v1 import events_pb2, resources_pb2
 from omni.reservation.v1 import reservation_service_pb2 as pb
 from omnistock.errors import FieldViolation, InvalidArgument
+from omnistock.wire import duration_in, duration_out, timestamp_out, to_datetime
 from services.reservation import domain
 
 _KINDS = {
@@ -32,38 +30,6 @@ _STATUS_OUT = {
     domain.LineStatus.CONSUMED: resources_pb2.RESERVATION_STATUS_CONSUMED,
     domain.LineStatus.SHORT: resources_pb2.RESERVATION_STATUS_SHORT,
 }
-# A Duration beyond this is absurd for any rule here; checked before converting.
-_MAX_DURATION_SECONDS = 10 * 365 * 24 * 3600
-
-
-def duration_in(value: Duration, present: bool, path: str) -> timedelta | None:
-    """A Duration field as a timedelta (None when unset), or INVALID_ARGUMENT."""
-    if not present:
-        return None
-    if abs(value.seconds) > _MAX_DURATION_SECONDS or value.seconds < 0 or value.nanos < 0:
-        raise InvalidArgument(
-            [FieldViolation(path, f"must be a positive duration, got {value.seconds} seconds")]
-        )
-    return timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
-
-
-def duration_out(value: timedelta) -> Duration:
-    """A timedelta as a Duration."""
-    out = Duration()
-    out.FromTimedelta(value)
-    return out
-
-
-def timestamp_out(value: datetime) -> Timestamp:
-    """An aware datetime as a Timestamp."""
-    out = Timestamp()
-    out.FromDatetime(value)
-    return out
-
-
-def timestamp_in(value: Timestamp) -> datetime:
-    """A Timestamp as an aware datetime."""
-    return value.ToDatetime(tzinfo=UTC)
 
 
 def reserve_in(request: pb.ReserveRequest) -> domain.Reserve:
@@ -126,9 +92,9 @@ def reservation_in(message: resources_pb2.Reservation) -> domain.Reservation:
             )
             for line in message.lines
         ),
-        created_at=timestamp_in(message.created_at),
-        updated_at=timestamp_in(message.updated_at),
-        expires_at=timestamp_in(message.expires_at) if message.HasField("expires_at") else None,
+        created_at=to_datetime(message.created_at),
+        updated_at=to_datetime(message.updated_at),
+        expires_at=to_datetime(message.expires_at) if message.HasField("expires_at") else None,
     )
 
 

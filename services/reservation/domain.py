@@ -262,9 +262,7 @@ class Rules:
             reserved=sum(f.reserved for f in figures),
             # What safety stock actually keeps back: a store with nothing left
             # keeps nothing back, so on_hand - reserved - safety_stock = available.
-            safety_stock=sum(
-                min(f.safety_stock, max(0, f.on_hand - f.reserved)) for f in figures
-            ),
+            safety_stock=sum(min(f.safety_stock, max(0, f.on_hand - f.reserved)) for f in figures),
             available=available,
             low_stock=self.is_low(channel, available),
             version=version,

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from omni.reservation.v1 import reservation_service_pb2 as pb
 from omni.reservation.v1 import reservation_service_pb2_grpc as pb_grpc
 from omni.reservation.v1 import resources_pb2
+from omnistock import wire
 from omnistock.errors import Aborted
 from omnistock.grpc import Context
 from omnistock.grpc.server import ServiceBinding
@@ -33,7 +34,7 @@ class ReservationServicer(pb_grpc.ReservationServiceServicer):
         reservation = await self._handlers.extend(
             request.request_id,
             request.reservation_id,
-            convert.duration_in(request.ttl, request.HasField("ttl"), "ttl"),
+            wire.duration_in(request.ttl, request.HasField("ttl"), "ttl"),
         )
         return pb.ExtendReservationResponse(reservation=convert.reservation_out(reservation))
 
