@@ -2,15 +2,16 @@
 
 Static checks only: no network, no servers. Every YAML file parses; every metric
 name the alert rules and the Grafana dashboard query is one the services export
-(or a series the rules themselves record); every alert has a severity, a
-summary, a description and a runbook section that exists; the dashboard has its
-stable uid and a datasource variable; the Compose and Kubernetes manifests keep
-the few properties the services rely on. ``promtool``, ``check-jsonschema``,
+(or a series the rules themselves record), and the code defines every name of
+that list; every alert has a severity, a summary, a description and a runbook
+section that exists; the dashboard has its stable uid and a datasource variable;
+the Compose and Kubernetes manifests keep the few properties the services rely on. ``promtool``, ``check-jsonschema``,
 ``kubernetes-validate`` and ``yamllint`` go further (see deploy/README.md).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
 RULES_FILE = DEPLOY / "prometheus" / "rules.yml"
 DASHBOARD_FILE = DEPLOY / "grafana" / "omnistock-overview.json"
 README_FILE = DEPLOY / "README.md"
@@ -44,6 +47,20 @@ COUNTERS_AND_GAUGES = frozenset(
         "omni_ledger_movement_units_total",
         "omni_ledger_movements_replayed_total",
         "omni_ledger_batches_rejected_total",
+        "omni_reservation_reserve_total",
+        "omni_reservation_reserved_units_total",
+        "omni_reservation_active_holds",
+        "omni_reservation_held_units",
+        "omni_reservation_lines_ended_total",
+        "omni_reservation_expired_total",
+        "omni_reservation_short_lines_total",
+        "omni_reservation_projection_resyncs_total",
+        "omni_reservation_watch_subscribers",
+        "omni_reservation_watch_updates_total",
+        "omni_reservation_watch_dropped_subscribers_total",
+        "omni_sweeper_runs_total",
+        "omni_sweeper_items_total",
+        "omni_sweeper_last_success_timestamp_seconds",
     }
 )
 HISTOGRAMS = frozenset(
@@ -54,6 +71,11 @@ HISTOGRAMS = frozenset(
         "omni_consumer_handling_seconds",
         "omni_consumer_event_age_seconds",
         "omni_ledger_batch_movements",
+        "omni_reservation_movement_to_availability_seconds",
+        "omni_group_commit_batch_size",
+        "omni_group_commit_queue_seconds",
+        "omni_group_commit_batch_seconds",
+        "omni_sweeper_run_seconds",
     }
 )
 EXPORTED = (
@@ -133,6 +155,9 @@ def k8s_documents() -> dict[str, dict[str, Any]]:
     return objects
 
 
+# (compose service and component name, gRPC port, metrics port) of the deployed services.
+SERVICES = [("ledger", 50051, 9101), ("reservation", 50052, 9102)]
+
 YAML_FILES = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
 
 
@@ -147,6 +172,29 @@ def test_deploy_has_yaml_files() -> None:
 def test_yaml_parses(path: Path) -> None:
     documents = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
     assert documents, f"{path} holds no YAML document"
+
+
+def code_sample_names() -> set[str]:
+    """Every sample name the code's metrics can expose (shared and per service)."""
+    modules = ["omnistock.metrics"] + [
+        f"services.{path.parent.name}.metrics"
+        for path in sorted((ROOT / "services").glob("*/metrics.py"))
+    ]
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    names: set[str] = set()
+    for module in modules:
+        for value in vars(importlib.import_module(module)).values():
+            if isinstance(value, MetricWrapperBase):
+                for family in value.describe():
+                    names |= {family.name + suffix for suffix in suffixes[family.type]}
+    return names
+
+
+def test_whitelisted_metrics_are_defined_by_the_code() -> None:
+    defined = code_sample_names()
+    assert "omni_reservation_reserve_total" in defined
+    missing = EXPORTED - {"up"} - defined
+    assert not missing, f"whitelisted but not defined in the code: {sorted(missing)}"
 
 
 def test_metric_name_extraction() -> None:
@@ -260,14 +308,33 @@ def test_prometheus_scrape_jobs_name_the_service() -> None:
 def test_compose_prepares_before_the_services() -> None:
     compose = load_yaml(DEPLOY / "compose" / "compose.yaml")
     services = compose["services"]
-    assert {"postgres", "nats", "prepare", "ledger", "prometheus", "grafana"} <= set(services)
+    expected = {"postgres", "nats", "prepare", "ledger", "reservation", "prometheus", "grafana"}
+    assert expected <= set(services)
     assert "omni migrate" in services["prepare"]["command"][-1]
     assert "omni provision-streams" in services["prepare"]["command"][-1]
-    condition = services["ledger"]["depends_on"]["prepare"]["condition"]
-    assert condition == "service_completed_successfully"
-    assert services["ledger"]["environment"]["OMNI_GRPC_HOST"] == "0.0.0.0"
+    for name, grpc_port, metrics_port in SERVICES:
+        service = services[name]
+        assert service["command"] == ["python", "-m", f"services.{name}"]
+        condition = service["depends_on"]["prepare"]["condition"]
+        assert condition == "service_completed_successfully", name
+        assert service["environment"]["OMNI_GRPC_HOST"] == "0.0.0.0"
+        assert f"127.0.0.1:{grpc_port}:{grpc_port}" in service["ports"], name
+        assert f"127.0.0.1:{metrics_port}:{metrics_port}" in service["ports"], name
+        assert f"127.0.0.1:{grpc_port}" in service["healthcheck"]["test"][-1], name
+    # The reservation service calls the ledger by its compose service name.
+    assert services["reservation"]["environment"]["OMNI_LEDGER_TARGET"] == "ledger:50051"
     nats_conf = (DEPLOY / "compose" / "nats.conf").read_text(encoding="utf-8")
     assert re.search(r"^\s*sync_interval:\s*always\s*$", nats_conf, flags=re.MULTILINE)
+
+
+def test_prometheus_scrapes_every_service() -> None:
+    config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    targets = {
+        job["job_name"]: [t for static in job["static_configs"] for t in static["targets"]]
+        for job in config["scrape_configs"]
+    }
+    for name, _, metrics_port in SERVICES:
+        assert targets[f"omnistock-{name}"] == [f"{name}:{metrics_port}"]
 
 
 def test_kustomization_lists_existing_files_but_not_the_secret_example() -> None:
@@ -279,23 +346,52 @@ def test_kustomization_lists_existing_files_but_not_the_secret_example() -> None
     assert listed == set(resources)
 
 
-def test_ledger_deployment_is_hardened_and_drains_gracefully() -> None:
+@pytest.mark.parametrize(
+    ("name", "replicas", "grpc_port", "metrics_port", "health_service"),
+    [
+        ("ledger", 3, 50051, 9101, "omni.ledger.v1.StockLedgerService"),
+        ("reservation", 2, 50052, 9102, "omni.reservation.v1.ReservationService"),
+    ],
+)
+def test_deployment_is_hardened_and_drains_gracefully(
+    name: str, replicas: int, grpc_port: int, metrics_port: int, health_service: str
+) -> None:
     objects = k8s_documents()
-    deployment = objects["Deployment/omnistock-ledger"]
-    assert deployment["spec"]["replicas"] == 3
+    deployment = objects[f"Deployment/omnistock-{name}"]
+    assert deployment["spec"]["replicas"] == replicas
     pod = deployment["spec"]["template"]["spec"]
     # The service's own shutdown: 10 s gRPC grace, then up to 10 s for relay and consumers.
     assert pod["terminationGracePeriodSeconds"] > 20
     assert pod["securityContext"]["runAsNonRoot"] is True
     (container,) = pod["containers"]
-    assert container["command"] == ["python", "-m", "services.ledger"]
+    assert container["command"] == ["python", "-m", f"services.{name}"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert "preStop" not in container.get("lifecycle", {})
-    assert container["readinessProbe"]["grpc"]["port"] == 50051
-    assert container["livenessProbe"]["grpc"]["port"] == 50051
+    assert container["readinessProbe"]["grpc"]["port"] == grpc_port
+    assert container["readinessProbe"]["grpc"]["service"] == health_service
+    assert container["livenessProbe"]["grpc"]["port"] == grpc_port
     assert {"requests", "limits"} <= set(container["resources"])
+    sources = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
+    assert sources == {"omnistock-config", "omnistock-secrets"}
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == name  # becomes service="<name>" when scraped
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/port"] == "9101"
-    assert "PodDisruptionBudget/omnistock-ledger" in objects
+    assert annotations["prometheus.io/port"] == str(metrics_port)
+    service_ports = {
+        p["name"]: p["port"] for p in objects[f"Service/omnistock-{name}"]["spec"]["ports"]
+    }
+    assert service_ports == {"grpc": grpc_port, "metrics": metrics_port}
+    assert f"Service/omnistock-{name}-headless" in objects
+    assert f"PodDisruptionBudget/omnistock-{name}" in objects
     assert "Job/omnistock-prepare" in objects
+
+
+def test_ledger_target_is_the_ledger_service() -> None:
+    objects = k8s_documents()
+    target = objects["ConfigMap/omnistock-config"]["data"]["OMNI_LEDGER_TARGET"]
+    host, port = target.rsplit(":", 1)
+    service = host.split(".")[0]
+    assert host in {service, f"{service}.omnistock", f"{service}.omnistock.svc.cluster.local"}
+    ports = [p["port"] for p in objects[f"Service/{service}"]["spec"]["ports"]]
+    assert service == "omnistock-ledger" and int(port) in ports
