@@ -102,6 +102,11 @@ def percentile(samples: Sequence[float], fraction: float) -> float:
     return ordered[rank - 1]
 
 
+def ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, NaN when the denominator is 0 (a scenario that did nothing)."""
+    return numerator / denominator if denominator else math.nan
+
+
 def describe_error(error: BaseException) -> str:
     """A short, groupable description of a failed operation."""
     if isinstance(error, grpc.aio.AioRpcError):
@@ -162,15 +167,15 @@ def print_latency_table(
     )
     for figure in figures:
         base = by_name.get(baselines.get(figure.name, ""))
-        ratio = ""
+        compared = ""
         if base is not None:
-            rate = figure.units_per_second / base.units_per_second
-            tail = figure.latency_ms(0.99) / base.latency_ms(0.99)
-            ratio = f"{rate:5.2f} x, {tail:5.2f} x  ({base.name})"
+            rate = ratio(figure.units_per_second, base.units_per_second)
+            tail = ratio(figure.latency_ms(0.99), base.latency_ms(0.99))
+            compared = f"{rate:5.2f} x, {tail:5.2f} x  ({base.name})"
         print(
             f"  {figure.name:<40} {figure.units_per_second:>10,.0f} "
             f"{figure.latency_ms(0.5):>8.2f} {figure.latency_ms(0.99):>8.2f} "
-            f"{figure.failed:>6}  {ratio}"
+            f"{figure.failed:>6}  {compared}"
         )
         if notes.get(figure.name):
             print(f"      {notes[figure.name]}")
