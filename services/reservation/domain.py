@@ -195,6 +195,8 @@ class Rules:
     channels: Mapping[str, ChannelRules] = field(default_factory=dict)
     location_safety: Mapping[str, int] = field(default_factory=dict)
     closed_locations: frozenset[str] = frozenset()
+    # Every location the ledger announced (open or closed).
+    locations: frozenset[str] = frozenset()
 
     def channel(self, channel: str) -> ChannelRules:
         """The channel's rules, or NOT_FOUND."""

@@ -36,8 +36,6 @@ from omnistock.idempotency import (
     IDEMPOTENCY_KEY_CONSTRAINT,
     digest,
     once,
-    record_answers,
-    recorded_answers,
     require_request_id,
     reused,
 )
@@ -106,9 +104,10 @@ class RulesCache:
         self._version = -1
         self._rules = domain.Rules()
 
-    async def get(self, conn: Connection) -> domain.Rules:
-        """The current rules, as of the caller's transaction."""
-        version = await storage.rules_version(conn)
+    async def get(self, conn: Connection, version: int | None = None) -> domain.Rules:
+        """The current rules, as of the caller's transaction (``version`` if already read)."""
+        if version is None:
+            version = await storage.rules_version(conn)
         if version != self._version:
             self._rules = await storage.load_rules(conn)
             self._version = version
@@ -182,14 +181,16 @@ class ReservationHandlers:
     async def _place_all(
         self, conn: Connection, commands: list[domain.Reserve]
     ) -> list[ReserveResult | BaseException]:
-        answers = await recorded_answers(
-            conn, schema=SCHEMA, method="Reserve", request_ids=[c.request_id for c in commands]
+        # Five round trips whatever the batch size: context, locks, stock, writes, outbox.
+        rules_version, answers = await storage.reserve_context(
+            conn, [c.request_id for c in commands]
         )
-        rules = await self._rules.get(conn)
-        keys = {line.key for c in commands for line in c.lines}
-        known_skus = await storage.lock_skus(conn, {sku for sku, _ in keys})
-        known_locations = await storage.known_locations(conn, {loc for _, loc in keys})
-        rows = {key: row for key, (row, _) in (await storage.lock_stock(conn, keys)).items()}
+        rules = await self._rules.get(conn, rules_version)
+        skus = {line.sku for c in commands for line in c.lines}
+        # The SKU locks serialise every writer of these SKUs' stock rows, so the
+        # rows read next are current and stay so until commit.
+        versions = await storage.lock_and_bump_skus(conn, skus)
+        every_row = await storage.stock_of_skus(conn, skus)
         now = datetime.now(UTC)
         outcomes: list[ReserveResult | BaseException] = []
         placed: list[domain.Reservation] = []
@@ -206,11 +207,9 @@ class ReservationHandlers:
                 )
                 continue
             try:
-                domain.check_references(command.lines, known_skus, known_locations)
-                for line in command.lines:
-                    rows.setdefault(line.key, StockRow(*line.key))
+                domain.check_references(command.lines, versions, rules.locations)
                 reservation = domain.place(
-                    command, rows, rules, reservation_id=str(uuid.uuid4()), now=now
+                    command, every_row, rules, reservation_id=str(uuid.uuid4()), now=now
                 )
             except DomainError as error:
                 outcomes.append(error)
@@ -221,17 +220,14 @@ class ReservationHandlers:
             placed.append(reservation)
             outcomes.append(ReserveResult(reservation, replayed=False))
             for line in command.lines:
-                changes.add(rows[line.key])
+                changes.add(every_row[line.key])
         if placed:
-            await storage.insert_reservations(conn, placed)
-            await storage.save_stock(conn, changes.rows.values())
-            await record_answers(conn, schema=SCHEMA, method="Reserve", answers=new_answers)
+            await storage.write_holds(conn, placed, changes.rows.values(), new_answers)
             events = [
                 _event("reservation.created", events_pb2.ReservationCreated, r) for r in placed
             ]
-            await outbox.append(
-                conn, SCHEMA, PRODUCER, events + await self._announce(conn, changes, rules)
-            )
+            events += self._figures(changes, rules, versions, every_row)
+            await outbox.append(conn, SCHEMA, PRODUCER, events)
         return outcomes
 
     async def extend(
@@ -819,6 +815,16 @@ class ReservationHandlers:
         versions = await storage.bump_versions(conn, skus)
         every_row = await storage.stock_of_skus(conn, skus)
         every_row.update(changes.rows)
+        return self._figures(changes, rules, versions, every_row)
+
+    def _figures(
+        self,
+        changes: Changes,
+        rules: domain.Rules,
+        versions: dict[str, int],
+        every_row: dict[StockKey, StockRow],
+    ) -> list[OutgoingEvent]:
+        """The AvailabilityChanged events of ``changes`` from rows read under the SKU locks."""
         recorded_at = changes.movement_recorded_at
         events = []
         networks: dict[str, set[str]] = {}

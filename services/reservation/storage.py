@@ -41,6 +41,25 @@ async def lock_skus(conn: Connection, skus: Collection[str]) -> dict[str, int]:
     return {r["sku"]: r["availability_version"] for r in rows}
 
 
+async def lock_and_bump_skus(conn: Connection, skus: Collection[str]) -> dict[str, int]:
+    """Lock the known ones of ``skus`` (sorted) and increase their availability versions.
+
+    One round trip for the hot path; a version that increases without a change
+    is harmless (readers only need versions to grow).
+    """
+    rows = await conn.fetch(
+        """
+        UPDATE reservation.skus k SET availability_version = k.availability_version + 1
+        FROM (SELECT sku FROM reservation.skus WHERE sku = ANY($1::text[])
+              ORDER BY sku FOR UPDATE) AS locked
+        WHERE k.sku = locked.sku
+        RETURNING k.sku, k.availability_version
+        """,
+        sorted(set(skus)),
+    )
+    return {r["sku"]: r["availability_version"] for r in rows}
+
+
 async def bump_versions(conn: Connection, skus: Collection[str]) -> dict[str, int]:
     """Increase the availability version of ``skus`` (locked by the caller)."""
     rows = await conn.fetch(
@@ -68,10 +87,13 @@ async def upsert_sku(conn: Connection, sku: str) -> None:
 async def ensure_known(conn: Connection, sku: str, location_id: str) -> None:
     """Make sure a SKU and location a movement names exist here (normally announced first)."""
     await conn.execute("INSERT INTO reservation.skus (sku) VALUES ($1) ON CONFLICT DO NOTHING", sku)
-    await conn.execute(
-        "INSERT INTO reservation.locations (location_id) VALUES ($1) ON CONFLICT DO NOTHING",
+    added = await conn.fetchval(
+        "INSERT INTO reservation.locations (location_id) VALUES ($1) ON CONFLICT DO NOTHING "
+        "RETURNING true",
         location_id,
     )
+    if added:
+        await bump_rules_version(conn)  # the cached rules list the known locations
 
 
 async def upsert_location(conn: Connection, location_id: str, closed: bool) -> bool:
@@ -115,7 +137,7 @@ async def load_rules(conn: Connection) -> Rules:
     safety_rows = await conn.fetch(
         "SELECT location_id, safety_stock FROM reservation.location_safety_stock"
     )
-    closed = await conn.fetch("SELECT location_id FROM reservation.locations WHERE closed")
+    locations = await conn.fetch("SELECT location_id, closed FROM reservation.locations")
     return Rules(
         channels={
             r["channel"]: ChannelRules(
@@ -128,7 +150,8 @@ async def load_rules(conn: Connection) -> Rules:
             for r in channel_rows
         },
         location_safety={r["location_id"]: r["safety_stock"] for r in safety_rows},
-        closed_locations=frozenset(r["location_id"] for r in closed),
+        closed_locations=frozenset(r["location_id"] for r in locations if r["closed"]),
+        locations=frozenset(r["location_id"] for r in locations),
     )
 
 
@@ -264,6 +287,88 @@ async def snapshot(
     versions = {r["sku"]: r["availability_version"] for r in rows}
     stock = {(r["sku"], r["location_id"]): _row(r) for r in rows if r["location_id"] is not None}
     return versions, stock
+
+
+async def write_holds(
+    conn: Connection,
+    reservations: Sequence[Reservation],
+    rows: Iterable[StockRow],
+    answers: Sequence[tuple[str, bytes, bytes]],
+) -> None:
+    """New holds, their stock rows (which exist: a hold needs stock) and their
+    idempotency answers, in one statement."""
+    rows = list(rows)
+    lines = [(r.reservation_id, line) for r in reservations for line in r.lines]
+    await conn.execute(
+        """
+        WITH new_reservations AS (
+            INSERT INTO reservation.reservations
+                (reservation_id, channel, reference, kind, status, expires_at, created_at,
+                 updated_at)
+            SELECT r.*, r.created_at
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                        $6::timestamptz[], $7::timestamptz[])
+                 AS r (reservation_id, channel, reference, kind, status, expires_at, created_at)
+            RETURNING 1
+        ), new_lines AS (
+            INSERT INTO reservation.reservation_lines
+                (reservation_id, line_number, sku, location_id, quantity, status)
+            SELECT l.*, 'active'
+            FROM unnest($8::uuid[], $9::int[], $10::text[], $11::text[], $12::bigint[]) AS l
+            RETURNING 1
+        ), answers AS (
+            INSERT INTO reservation.idempotency_keys (method, request_id, request_hash, response)
+            SELECT 'Reserve', * FROM unnest($13::text[], $14::bytea[], $15::bytea[])
+            RETURNING 1
+        )
+        UPDATE reservation.stock s
+        SET held = k.held,
+            short_since = CASE WHEN k.held > s.on_hand THEN coalesce(s.short_since, now()) END,
+            updated_at = now()
+        FROM unnest($16::text[], $17::text[], $18::bigint[]) AS k (sku, location_id, held)
+        WHERE s.sku = k.sku AND s.location_id = k.location_id
+        """,
+        [uuid.UUID(r.reservation_id) for r in reservations],
+        [r.channel for r in reservations],
+        [r.reference for r in reservations],
+        [r.kind.value for r in reservations],
+        [r.status.value for r in reservations],
+        [r.expires_at for r in reservations],
+        [r.created_at for r in reservations],
+        [uuid.UUID(rid) for rid, _ in lines],
+        [line.line_number for _, line in lines],
+        [line.sku for _, line in lines],
+        [line.location_id for _, line in lines],
+        [line.quantity for _, line in lines],
+        [a[0] for a in answers],
+        [a[1] for a in answers],
+        [a[2] for a in answers],
+        [r.sku for r in rows],
+        [r.location_id for r in rows],
+        [r.held for r in rows],
+    )
+
+
+async def reserve_context(
+    conn: Connection, request_ids: Sequence[str]
+) -> tuple[int, dict[str, tuple[bytes, bytes]]]:
+    """The rules version and the stored answers of ``request_ids``, in one round trip."""
+    rows = await conn.fetch(
+        """
+        SELECT v.version, a.request_id, a.request_hash, a.response
+        FROM reservation.rules_version v
+        LEFT JOIN reservation.idempotency_keys a
+               ON a.method = 'Reserve' AND a.request_id = ANY($1::text[])
+        """,
+        list(request_ids),
+    )
+    answers = {
+        r["request_id"]: (bytes(r["request_hash"]), bytes(r["response"]))
+        for r in rows
+        if r["request_id"] is not None
+    }
+    version: int = rows[0]["version"]
+    return version, answers
 
 
 async def overdue_shortages(conn: Connection, grace: timedelta, limit: int) -> list[StockKey]:
