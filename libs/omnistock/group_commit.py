@@ -26,7 +26,11 @@ log = get_logger(__name__)
 
 
 class GroupCommitter(Generic[C, R]):
-    """Runs queued commands in batches through ``process``, one batch at a time.
+    """Runs queued commands in batches through ``process``, ``concurrency`` batches at a time.
+
+    With more than one batch in flight, the database works on one batch while
+    Python prepares or answers another; batches that touch the same rows
+    serialise on their locks in the database, in the order they started.
 
     ``process`` receives the batch in arrival order and returns one outcome per
     command, in the same order. If ``process`` itself raises, every command of
@@ -39,10 +43,13 @@ class GroupCommitter(Generic[C, R]):
         process: Callable[[list[C]], Awaitable[Sequence[R | BaseException]]],
         *,
         max_batch: int = 128,
+        concurrency: int = 1,
     ) -> None:
         self.name = name
         self._process = process
         self._max_batch = max_batch
+        self._concurrency = concurrency
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._queue: deque[tuple[C, asyncio.Future[R], float]] = deque()
         self._wakeup = asyncio.Event()
         self._stopping = False
@@ -61,20 +68,28 @@ class GroupCommitter(Generic[C, R]):
         """Process batches until :meth:`stop`; the queue is finished first."""
         self._running = True
         try:
-            while not (self._stopping and not self._queue):
-                if not self._queue:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+            while not (self._stopping and not self._queue and not self._in_flight):
+                if self._queue and len(self._in_flight) < self._concurrency:
+                    size = min(len(self._queue), self._max_batch)
+                    batch = [self._queue.popleft() for _ in range(size)]
+                    task = asyncio.create_task(self._run_batch(batch))
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._batch_done)
                     continue
-                batch = [
-                    self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch))
-                ]
-                await self._run_batch(batch)
+                self._wakeup.clear()
+                await self._wakeup.wait()
         finally:
             self._running = False
+            for task in list(self._in_flight):
+                task.cancel()
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
             for _, future, _ in self._queue:
                 if not future.done():
                     future.set_exception(RuntimeError(f"{self.name} stopped"))
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._wakeup.set()
 
     def stop(self) -> None:
         """Ask :meth:`run` to return once the queue is empty."""

@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     reservation_sweep_interval_seconds: float = 1.0
     reservation_short_grace_seconds: float = 60.0
     reservation_batch_max: int = 128
+    reservation_batch_concurrency: int = 2
     watch_max_lag_seconds: float = 10.0
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"

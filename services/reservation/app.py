@@ -28,6 +28,7 @@ def _build(context: ServiceContext) -> tuple[Sequence[ServiceBinding], Sequence[
         ledger_target=settings.grpc_target("ledger"),
         short_grace=timedelta(seconds=settings.reservation_short_grace_seconds),
         max_batch=settings.reservation_batch_max,
+        batch_concurrency=settings.reservation_batch_concurrency,
     )
     hub = AvailabilityHub(max_lag=settings.watch_max_lag_seconds)
 

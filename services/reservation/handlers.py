@@ -136,13 +136,17 @@ class ReservationHandlers:
         ledger_target: str,
         short_grace: timedelta = timedelta(seconds=60),
         max_batch: int = 128,
+        batch_concurrency: int = 2,
     ) -> None:
         self.pool = pool
         self._ledger_target = ledger_target
         self._short_grace = short_grace
         self._rules = RulesCache()
         self.committer: GroupCommitter[domain.Reserve, ReserveResult] = GroupCommitter(
-            "reservation-reserve", self._reserve_batch, max_batch=max_batch
+            "reservation-reserve",
+            self._reserve_batch,
+            max_batch=max_batch,
+            concurrency=batch_concurrency,
         )
 
     # -- holds ----------------------------------------------------------------

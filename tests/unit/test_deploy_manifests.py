@@ -5,8 +5,9 @@ name the alert rules and the Grafana dashboard query is one the services export
 (or a series the rules themselves record), and the code defines every name of
 that list; every alert has a severity, a summary, a description and a runbook
 section that exists; the dashboard has its stable uid and a datasource variable;
-the Compose and Kubernetes manifests keep the few properties the services rely on. ``promtool``, ``check-jsonschema``,
-``kubernetes-validate`` and ``yamllint`` go further (see deploy/README.md).
+the Compose and Kubernetes manifests keep the few properties the services rely on.
+``promtool``, ``check-jsonschema``, ``kubernetes-validate`` and ``yamllint`` go
+further (see deploy/README.md).
 """
 
 from __future__ import annotations

@@ -312,3 +312,24 @@ async def test_a_sweeper_stopped_before_it_runs_never_sweeps() -> None:
     sweeper.stop()
     await asyncio.wait_for(sweeper.run(), TIMEOUT)
     assert calls == 0
+
+
+async def test_with_concurrency_two_a_second_batch_runs_while_the_first_is_held() -> None:
+    process = Recorder()
+    process.gate.clear()
+    committer: GroupCommitter[int, int] = GroupCommitter("test", process, concurrency=2)
+    task = await started(committer)
+    first = asyncio.create_task(committer.submit(1))
+    await until(lambda: len(process.batches) == 1)
+    later = [asyncio.create_task(committer.submit(n)) for n in (2, 3)]
+    await until(lambda: len(process.batches) == 2)  # not waiting for the first to finish
+    third = asyncio.create_task(committer.submit(4))
+    await settle()
+    assert process.batches == [[1], [2, 3]]  # at most two in flight
+
+    process.gate.set()
+    assert await asyncio.wait_for(asyncio.gather(first, *later, third), TIMEOUT) == [
+        10, 20, 30, 40,
+    ]  # fmt: skip
+    assert process.batches == [[1], [2, 3], [4]]
+    await stopped(committer, task)
