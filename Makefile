@@ -73,7 +73,7 @@ deploy-check: $(STAMP) ## Validate deploy/: Prometheus rules and their tests, co
 
 check: lint typecheck buf-lint deploy-check test ## Everything CI runs.
 
-bench: gen ## Benchmarks with same-run baselines: ledger PostMovements, JetStream fsync policy.
+bench: gen ## Benchmarks with same-run baselines: ledger PostMovements, JetStream fsync, Reserve and propagation.
 	$(PY) -m benchmarks.ledger_post_movements
 	$(PY) -m benchmarks.jetstream_sync
 	$(PY) -m benchmarks.reservation_reserve
