@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from omnistock.db import Connection
-from omnistock.errors import AlreadyExists, FieldViolation, InvalidArgument
+from omnistock.errors import AlreadyExists, DomainError, FieldViolation, InvalidArgument
 
 T = TypeVar("T")
 
@@ -61,17 +61,27 @@ async def once(
     same id makes this one fail with a unique violation, which the unit of work
     retries; the retry then finds the stored answer.
     """
-    row = await conn.fetchrow(
+    query = (
         f"SELECT request_hash, response FROM {schema}.idempotency_keys "
-        "WHERE method = $1 AND request_id = $2",
-        method,
-        request_id,
+        "WHERE method = $1 AND request_id = $2"
     )
+    row = await conn.fetchrow(query, method, request_id)
     if row is not None:
         if bytes(row["request_hash"]) != request_digest:
             raise reused(method, request_id)
         return decode(bytes(row["response"]))
-    response = await execute()
+    try:
+        response = await execute()
+    except DomainError:
+        # A concurrent first attempt may have committed while this one waited for
+        # its locks, and changed what this one found (the reservation it released
+        # is released now). Its answer is the answer to this retry.
+        row = await conn.fetchrow(query, method, request_id)
+        if row is None:
+            raise
+        if bytes(row["request_hash"]) != request_digest:
+            raise reused(method, request_id) from None
+        return decode(bytes(row["response"]))
     await conn.execute(
         f"INSERT INTO {schema}.idempotency_keys (method, request_id, request_hash, response) "
         "VALUES ($1, $2, $3, $4)",

@@ -610,9 +610,15 @@ def consume(
     return reservation, None, 0
 
 
-def lines_to_short(row: StockRow, active_newest_first: Sequence[Line]) -> list[Line]:
-    """The newest active lines to mark short until what stays held fits on-hand."""
-    excess = row.held - row.on_hand
+def lines_to_short(
+    row: StockRow, active_newest_first: Sequence[Line], at_most: int | None = None
+) -> list[Line]:
+    """The newest active lines to mark short until what stays held fits on-hand.
+
+    ``at_most`` bounds the units to cover (what one loss took): a gap beyond it
+    belongs to a departure whose hold is consumed later, not to this loss.
+    """
+    excess = row.held - row.on_hand if at_most is None else min(row.held - row.on_hand, at_most)
     chosen = []
     for line in active_newest_first:
         if excess <= 0:

@@ -185,15 +185,17 @@ class ReservationHandlers:
     async def _place_all(
         self, conn: Connection, commands: list[domain.Reserve]
     ) -> list[ReserveResult | BaseException]:
-        # Five round trips whatever the batch size: context, locks, stock, writes, outbox.
+        # Five round trips whatever the batch size: locks, context, stock, writes, outbox.
+        skus = {line.sku for c in commands for line in c.lines}
+        # The SKU locks serialise every writer of these SKUs, so what is read after
+        # them is current and stays so until commit: the stock rows, and the stored
+        # answers — a retry racing its first attempt (same request, same SKUs) waits
+        # here for that attempt to commit and then replays its answer.
+        versions = await storage.lock_and_bump_skus(conn, skus)
         rules_version, answers = await storage.reserve_context(
             conn, [c.request_id for c in commands]
         )
         rules = await self._rules.get(conn, rules_version)
-        skus = {line.sku for c in commands for line in c.lines}
-        # The SKU locks serialise every writer of these SKUs' stock rows, so the
-        # rows read next are current and stay so until commit.
-        versions = await storage.lock_and_bump_skus(conn, skus)
         every_row = await storage.stock_of_skus(conn, skus)
         now = datetime.now(UTC)
         outcomes: list[ReserveResult | BaseException] = []
@@ -259,7 +261,7 @@ class ReservationHandlers:
             )
             return extended
 
-        content = f"{reservation_id}|{ttl.total_seconds() if ttl else ''}".encode()
+        content = f"{uuid.UUID(reservation_id)}|{ttl.total_seconds() if ttl else ''}".encode()
         return await self._once_reservation("ExtendReservation", request_id, content, execute)
 
     async def release(
@@ -297,7 +299,7 @@ class ReservationHandlers:
             m.ENDED_LINES.labels("released").inc(len(lines))
             return released
 
-        content = f"{reservation_id}|{sorted(line_numbers)}|{reason_code}".encode()
+        content = f"{uuid.UUID(reservation_id)}|{sorted(line_numbers)}|{reason_code}".encode()
         return await self._once_reservation("ReleaseReservation", request_id, content, execute)
 
     async def convert(
@@ -326,7 +328,7 @@ class ReservationHandlers:
             )
             return converted
 
-        content = f"{reservation_id}|{reference}".encode()
+        content = f"{uuid.UUID(reservation_id)}|{reference}".encode()
         return await self._once_reservation("ConvertReservation", request_id, content, execute)
 
     async def get(self, reservation_id: str) -> domain.Reservation:
@@ -431,9 +433,11 @@ class ReservationHandlers:
         versions = {key: version for key, (_, version) in locked.items()}
         changes = Changes(movement_recorded_at=facts.recorded_at)
         resynced: set[StockKey] = set()
+        lost: dict[StockKey, int] = {}
         for posting in facts.postings:
             key = (posting.sku, posting.location_id)
             row = rows.setdefault(key, StockRow(*key))
+            before = row.on_hand
             known = versions.get(key, 0)
             if posting.balance_version <= known:
                 continue  # applied before (a resync already went past it)
@@ -450,6 +454,7 @@ class ReservationHandlers:
                     expected_version=known + 1,
                     got_version=posting.balance_version,
                 )
+            lost[key] = lost.get(key, 0) + max(0, before - row.on_hand)
             changes.add(row)
         if not changes.rows:
             return
@@ -457,7 +462,10 @@ class ReservationHandlers:
         events: list[OutgoingEvent] = []
         for key, row in sorted(changes.rows.items()):
             if row.on_hand < row.held and (facts.kind in LOSS_KINDS or key in resynced):
-                events += await self._mark_short(conn, row, "resync" if key in resynced else "loss")
+                # Short only what this movement lost: the rest of the gap may be a
+                # departure whose hold is about to be consumed (the grace period).
+                trigger = "resync" if key in resynced else "loss"
+                events += await self._mark_short(conn, row, trigger, at_most=lost[key])
         events += await self._announce(conn, changes)
         await outbox.append(conn, SCHEMA, PRODUCER, events)
         m.MOVEMENT_TO_AVAILABILITY.observe(
@@ -488,10 +496,12 @@ class ReservationHandlers:
     ) -> None:
         """Goods left (shipped or collected): use the order holds behind them."""
 
+        used_by_line: dict[tuple[str, int], int] = {}
+
         def consume_all(
             held: dict[str, domain.Reservation], rows: dict[StockKey, StockRow], now: datetime
         ) -> list[tuple[domain.Reservation, list[domain.Line]]]:
-            touched: dict[str, list[domain.Line]] = {}
+            touched: dict[str, dict[int, domain.Line]] = {}
             for sku, quantity in lines:
                 remaining = quantity
                 for rid in list(held):
@@ -504,7 +514,9 @@ class ReservationHandlers:
                         continue
                     remaining -= used
                     rows[line.key].held -= used
-                    touched.setdefault(rid, []).append(line)
+                    touched.setdefault(rid, {})[line.line_number] = line
+                    key = (rid, line.line_number)
+                    used_by_line[key] = used_by_line.get(key, 0) + used
                 if remaining > 0:
                     log.warning(
                         "reservation.consumed_more_than_held",
@@ -512,7 +524,7 @@ class ReservationHandlers:
                         sku=sku,
                         unheld=remaining,
                     )
-            return [(held[rid], changed) for rid, changed in touched.items()]
+            return [(held[rid], list(changed.values())) for rid, changed in touched.items()]
 
         for reservation, changed in await self._change_order_holds(
             conn, order_id, location_id, consume_all
@@ -522,7 +534,7 @@ class ReservationHandlers:
                     m.ENDED_LINES.labels("consumed").inc()
                 await storage.record_consumption(
                     conn, fulfilment_id, reservation.reservation_id, line.line_number,
-                    line.consumed_quantity,
+                    used_by_line[(reservation.reservation_id, line.line_number)],
                 )  # fmt: skip
             event = events_pb2.ReservationConsumed(
                 reservation=convert.reservation_out(reservation), fulfilment_id=fulfilment_id
@@ -751,9 +763,10 @@ class ReservationHandlers:
         return changed
 
     async def _mark_short(
-        self, conn: Connection, row: StockRow, trigger: str
+        self, conn: Connection, row: StockRow, trigger: str, at_most: int | None = None
     ) -> list[OutgoingEvent]:
-        """Mark the newest lines at ``row`` short until the rest fits; ``row`` is updated."""
+        """Mark the newest lines at ``row`` short until the rest fits (or ``at_most``
+        units are covered); ``row`` is updated."""
         ids = await storage.active_reservations_at(conn, row.key)
         reservations = await storage.load_reservations(conn, ids, lock=True)
         newest_first = [
@@ -762,7 +775,7 @@ class ReservationHandlers:
             for line in reservations[rid].lines
             if line.key == row.key and line.status is LineStatus.ACTIVE
         ]
-        chosen = domain.lines_to_short(row, [line for _, line in newest_first])
+        chosen = domain.lines_to_short(row, [line for _, line in newest_first], at_most)
         # lines_to_short takes a prefix of the newest-first lines. Lines of two
         # reservations can be equal as values, so pick by position, not by value.
         by_reservation: dict[str, list[domain.Line]] = {}

@@ -440,6 +440,16 @@ def test_the_newest_lines_are_shorted_until_the_rest_fits() -> None:
     assert lines_to_short(StockRow("SKU-1", "store-a", 0, 10), newest_first) == newest_first
 
 
+def test_a_loss_shorts_only_what_it_took_not_a_departure_awaiting_consumption() -> None:
+    # 10 held on 10; a shipment of 3 lowered on-hand to 7 (its hold is consumed
+    # later), then 1 unit was damaged: on-hand 6, gap 4, but only 1 was lost.
+    newest_first = lines(3, 4, 3)
+    row = StockRow("SKU-1", "store-a", 6, 10)
+    assert lines_to_short(row, newest_first, at_most=1) == newest_first[:1]
+    assert lines_to_short(row, newest_first, at_most=0) == []
+    assert lines_to_short(row, newest_first, at_most=99) == newest_first[:2]
+
+
 def test_shorting_counts_what_a_partly_consumed_line_still_holds() -> None:
     newest = Line(2, "SKU-1", "store-a", 10, consumed_quantity=9)  # holds 1
     older = Line(1, "SKU-1", "store-a", 4)

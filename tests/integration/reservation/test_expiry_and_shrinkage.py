@@ -122,6 +122,46 @@ async def publish_fulfilment(
         )
 
 
+async def test_each_fulfilment_records_the_units_it_consumed(
+    shop: Shop, js: JetStreamContext, pool: Pool
+) -> None:
+    sku, store = shop.skus[0], shop.stores[0]
+    await shop.stock(sku, store, 10)
+    order_id = f"order-{uuid.uuid4().hex[:8]}"
+    hold = await shop.reserve([(sku, store, 10)], kind=ORDER, reference=order_id)
+
+    first = fulfilment_events.FulfilmentShipped(
+        fulfilment_id=f"a-{order_id}", order_id=order_id, location_id=store,
+        lines=[fulfilment_events.FulfilmentLine(sku=sku, quantity=4)],
+    )  # fmt: skip
+    # The second lists the SKU on two lines, as a parcel split in two boxes may.
+    second = fulfilment_events.FulfilmentShipped(
+        fulfilment_id=f"b-{order_id}", order_id=order_id, location_id=store,
+        lines=[fulfilment_events.FulfilmentLine(sku=sku, quantity=4),
+               fulfilment_events.FulfilmentLine(sku=sku, quantity=2)],
+    )  # fmt: skip
+    await publish_fulfilment(js, "omni.fulfilment.fulfilment.shipped", first)
+    await publish_fulfilment(js, "omni.fulfilment.fulfilment.shipped", second)
+
+    async def status() -> int:
+        got = await shop.reservations.GetReservation(
+            pb.GetReservationRequest(reservation_id=hold.reservation_id)
+        )
+        return got.reservation.status
+
+    assert await eventually(status, lambda s: s == res.RESERVATION_STATUS_CONSUMED)
+    rows = await pool.fetch(
+        "SELECT fulfilment_id, quantity FROM reservation.consumptions "
+        "WHERE reservation_id = $1 ORDER BY fulfilment_id",
+        uuid.UUID(hold.reservation_id),
+    )
+    assert [(r["fulfilment_id"], r["quantity"]) for r in rows] == [
+        (f"a-{order_id}", 4),
+        (f"b-{order_id}", 6),
+    ]
+    assert (await shop.figure(sku, store)).reserved == 0
+
+
 async def test_fulfilment_events_consume_and_release_order_holds(
     shop: Shop, js: JetStreamContext, pool: Pool
 ) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from omni.reservation.v1 import reservation_service_pb2 as pb
 from omnistock.db import Pool
+from tests.conftest import ReservationStub
 from tests.integration.helpers import failure
 from tests.integration.reservation.conftest import CART, ORDER, Shop, reserve_request
 
@@ -27,17 +28,39 @@ async def reservation_rows(pool: Pool) -> tuple[int, int, int, int]:
     return row["reservations"], row["lines"], row["outbox"], row["keys"]
 
 
-async def test_the_same_request_id_holds_once_and_answers_the_same(shop: Shop) -> None:
+async def test_the_same_request_id_holds_once_and_answers_the_same(
+    shop: Shop, second_replica: ReservationStub
+) -> None:
     sku, store = shop.skus[0], shop.stores[0]
     await shop.stock(sku, store, 5)
-    request = reserve_request(shop.channel, [(sku, store, 2)], request_id=f"rq-{shop.channel}")
+    # All the stock: a retry that raced its first attempt and did not replay it
+    # would find nothing left and answer INSUFFICIENT_STOCK.
+    request = reserve_request(shop.channel, [(sku, store, 5)], request_id=f"rq-{shop.channel}")
+    replicas = [shop.reservations, second_replica]
 
-    answers = await asyncio.gather(*(shop.reservations.Reserve(request) for _ in range(8)))
+    answers = await asyncio.gather(*(replicas[i % 2].Reserve(request) for i in range(12)))
     again = await shop.reservations.Reserve(request)
 
     assert all(answer == answers[0] for answer in answers)
     assert again == answers[0]
-    assert (await shop.figure(sku, store)).reserved == 2
+    assert (await shop.figure(sku, store)).reserved == 5
+
+
+async def test_concurrent_retries_of_a_release_all_get_its_answer(
+    shop: Shop, second_replica: ReservationStub
+) -> None:
+    sku, store = shop.skus[0], shop.stores[0]
+    await shop.stock(sku, store, 3)
+    held = await shop.reserve([(sku, store, 3)])
+    request = pb.ReleaseReservationRequest(
+        request_id=f"release-{held.reservation_id}", reservation_id=held.reservation_id
+    )
+    replicas = [shop.reservations, second_replica]
+
+    answers = await asyncio.gather(*(replicas[i % 2].ReleaseReservation(request) for i in range(8)))
+
+    assert all(answer == answers[0] for answer in answers)
+    assert (await shop.figure(sku, store)).available == 3
 
 
 async def test_the_same_request_id_with_other_content_is_already_exists(shop: Shop) -> None:
