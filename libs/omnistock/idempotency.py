@@ -8,7 +8,7 @@ same transaction as the effect, so an answer exists exactly when the effect does
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from omnistock.db import Connection
@@ -91,43 +91,6 @@ async def once(
         encode(response),
     )
     return response
-
-
-async def recorded_answers(
-    conn: Connection, *, schema: str, method: str, request_ids: Sequence[str]
-) -> dict[str, tuple[bytes, bytes]]:
-    """The stored (request digest, answer) of each of ``request_ids`` seen before.
-
-    For handlers that commit many commands in one transaction (group commit);
-    they record the new answers with :func:`record_answers` in that transaction.
-    """
-    rows = await conn.fetch(
-        f"SELECT request_id, request_hash, response FROM {schema}.idempotency_keys "
-        "WHERE method = $1 AND request_id = ANY($2::text[])",
-        method,
-        list(request_ids),
-    )
-    return {r["request_id"]: (bytes(r["request_hash"]), bytes(r["response"])) for r in rows}
-
-
-async def record_answers(
-    conn: Connection,
-    *,
-    schema: str,
-    method: str,
-    answers: Sequence[tuple[str, bytes, bytes]],
-) -> None:
-    """Store (request id, request digest, answer) rows inside the caller's transaction."""
-    if not answers:
-        return
-    await conn.execute(
-        f"INSERT INTO {schema}.idempotency_keys (method, request_id, request_hash, response) "
-        "SELECT $1, * FROM unnest($2::text[], $3::bytea[], $4::bytea[])",
-        method,
-        [a[0] for a in answers],
-        [a[1] for a in answers],
-        [a[2] for a in answers],
-    )
 
 
 def reused(method: str, request_id: str) -> AlreadyExists:

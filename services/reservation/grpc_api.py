@@ -13,7 +13,11 @@ from omnistock.grpc import Context
 from omnistock.grpc.server import ServiceBinding
 from services.reservation import convert
 from services.reservation.domain import Figure
-from services.reservation.handlers import ReservationHandlers, SkuFigures, check_watch_request
+from services.reservation.handlers import (
+    ReservationHandlers,
+    SkuFigures,
+    check_availability_request,
+)
 from services.reservation.watch import AvailabilityHub
 
 
@@ -80,7 +84,7 @@ class ReservationServicer(pb_grpc.ReservationServiceServicer):
         self, request: pb.WatchAvailabilityRequest, context: Context
     ) -> AsyncIterator[pb.WatchAvailabilityResponse]:
         skus, locations = list(request.skus), list(request.location_ids)
-        check_watch_request(request.channel, skus, locations)
+        check_availability_request(request.channel, skus, locations)
         # Subscribe before reading the snapshot: a change committed in between
         # is queued, and dropped at sending if the snapshot already had it.
         subscription = self._hub.subscribe(request.channel, skus, locations)

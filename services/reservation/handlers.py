@@ -200,6 +200,7 @@ class ReservationHandlers:
         now = datetime.now(UTC)
         outcomes: list[ReserveResult | BaseException] = []
         placed: list[domain.Reservation] = []
+        created: list[OutgoingEvent] = []
         new_answers: list[tuple[str, bytes, bytes]] = []
         changes = Changes()
         for command in commands:
@@ -220,20 +221,26 @@ class ReservationHandlers:
             except DomainError as error:
                 outcomes.append(error)
                 continue
-            answer = convert.encode_reservation(reservation)
+            # One wire form serves as the stored answer and as the event's payload.
+            wire_form = convert.reservation_out(reservation)
+            answer = wire_form.SerializeToString()
             answers[command.request_id] = (request_digest, answer)
             new_answers.append((command.request_id, request_digest, answer))
             placed.append(reservation)
+            created.append(
+                _outgoing(
+                    "reservation.created",
+                    events_pb2.ReservationCreated(reservation=wire_form),
+                    reservation,
+                )
+            )
             outcomes.append(ReserveResult(reservation, replayed=False))
             for line in command.lines:
                 changes.add(every_row[line.key])
         if placed:
             await storage.write_holds(conn, placed, changes.rows.values(), new_answers)
-            events = [
-                _event("reservation.created", events_pb2.ReservationCreated, r) for r in placed
-            ]
-            events += self._figures(changes, rules, versions, every_row)
-            await outbox.append(conn, SCHEMA, PRODUCER, events)
+            figures = self._figures(changes, rules, versions, every_row)
+            await outbox.append(conn, SCHEMA, PRODUCER, created + figures)
         return outcomes
 
     async def extend(
@@ -350,7 +357,7 @@ class ReservationHandlers:
         include_locations: bool,
     ) -> list[SkuFigures]:
         """ATP for ``channel``: the network figure per SKU, and per location when asked."""
-        _check_availability_request(channel, skus, location_ids)
+        check_availability_request(channel, skus, location_ids)
         async with self.pool.acquire() as conn:
             rules = await self._rules.get(conn)
             versions, rows = await storage.snapshot(conn, skus)
@@ -649,10 +656,9 @@ class ReservationHandlers:
                 if row.on_hand >= row.held:
                     await storage.save_stock(conn, [row])  # clears short_since
                     return 0
-                events = await self._mark_short(conn, row, "overdue")
+                events = await self._mark_short(conn, row, "overdue")  # saves the row
                 changes = Changes()
                 changes.add(row)
-                await storage.save_stock(conn, [row])
                 await outbox.append(
                     conn, SCHEMA, PRODUCER, events + await self._announce(conn, changes)
                 )
@@ -909,9 +915,10 @@ def figures_for(
     return out
 
 
-def _check_availability_request(
+def check_availability_request(
     channel: str, skus: Sequence[str], location_ids: Sequence[str]
 ) -> None:
+    """Reject a malformed GetAvailability or WatchAvailability request whole."""
     problems = check_id(channel, "channel", "the channel")
     if not skus:
         problems.append(FieldViolation("skus", "at least one SKU is required"))
@@ -925,11 +932,6 @@ def _check_availability_request(
         problems += check_id(loc, f"location_ids[{i}]", "the location id")
     if problems:
         raise InvalidArgument(problems)
-
-
-def check_watch_request(channel: str, skus: Sequence[str], location_ids: Sequence[str]) -> None:
-    """Reject a malformed WatchAvailability request (same rules as GetAvailability)."""
-    _check_availability_request(channel, skus, location_ids)
 
 
 def _check_reservation_id(reservation_id: str) -> list[FieldViolation]:
@@ -972,9 +974,7 @@ def _free(rows: dict[StockKey, StockRow], freed: dict[StockKey, int]) -> Changes
 
 def _event(
     name: str,
-    event_type: type[events_pb2.ReservationCreated]
-    | type[events_pb2.ReservationExtended]
-    | type[events_pb2.ReservationExpired],
+    event_type: type[events_pb2.ReservationExtended] | type[events_pb2.ReservationExpired],
     reservation: domain.Reservation,
 ) -> OutgoingEvent:
     return _outgoing(

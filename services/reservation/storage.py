@@ -385,44 +385,6 @@ async def overdue_shortages(conn: Connection, grace: timedelta, limit: int) -> l
 # -- reservations -----------------------------------------------------------------
 
 
-async def insert_reservations(conn: Connection, reservations: Sequence[Reservation]) -> None:
-    """Store new reservations with their lines."""
-    if not reservations:
-        return
-    await conn.execute(
-        """
-        INSERT INTO reservation.reservations
-            (reservation_id, channel, reference, kind, status, expires_at, created_at, updated_at)
-        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                             $6::timestamptz[], $7::timestamptz[], $8::timestamptz[])
-        """,
-        [uuid.UUID(r.reservation_id) for r in reservations],
-        [r.channel for r in reservations],
-        [r.reference for r in reservations],
-        [r.kind.value for r in reservations],
-        [r.status.value for r in reservations],
-        [r.expires_at for r in reservations],
-        [r.created_at for r in reservations],
-        [r.updated_at for r in reservations],
-    )
-    lines = [(r.reservation_id, line) for r in reservations for line in r.lines]
-    await conn.execute(
-        """
-        INSERT INTO reservation.reservation_lines
-            (reservation_id, line_number, sku, location_id, quantity, consumed_quantity, status)
-        SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::bigint[],
-                             $6::bigint[], $7::text[])
-        """,
-        [uuid.UUID(rid) for rid, _ in lines],
-        [line.line_number for _, line in lines],
-        [line.sku for _, line in lines],
-        [line.location_id for _, line in lines],
-        [line.quantity for _, line in lines],
-        [line.consumed_quantity for _, line in lines],
-        [line.status.value for _, line in lines],
-    )
-
-
 async def save_reservations(conn: Connection, reservations: Sequence[Reservation]) -> None:
     """Write the changed header and lines of reservations (locked by the caller)."""
     if not reservations:
