@@ -30,6 +30,7 @@ _STATUS_OUT = {
     domain.LineStatus.CONSUMED: resources_pb2.RESERVATION_STATUS_CONSUMED,
     domain.LineStatus.SHORT: resources_pb2.RESERVATION_STATUS_SHORT,
 }
+_STATUS_IN = {value: status for status, value in _STATUS_OUT.items()}
 
 
 def reserve_in(request: pb.ReserveRequest) -> domain.Reserve:
@@ -43,6 +44,15 @@ def reserve_in(request: pb.ReserveRequest) -> domain.Reserve:
             domain.ReserveLine(line.sku, line.location_id, line.quantity) for line in request.lines
         ),
         ttl=duration_in(request.ttl, request.HasField("ttl"), "ttl"),
+    )
+
+
+def list_reservations_in(request: pb.ListReservationsRequest) -> domain.ListReservations:
+    """A ListReservations request as the domain's query; an unknown status becomes None."""
+    return domain.ListReservations(
+        channel=request.channel,
+        reference=request.reference,
+        statuses=tuple(_STATUS_IN.get(status) for status in request.statuses),
     )
 
 

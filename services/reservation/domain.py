@@ -29,6 +29,7 @@ MIN_TTL = timedelta(minutes=1)
 MAX_TTL = timedelta(days=7)
 MAX_SAFETY_STOCK = 1_000_000
 MAX_CHANNEL_LOCATIONS = 10_000
+MAX_LISTED_RESERVATIONS = 100
 
 StockKey = tuple[str, str]  # (sku, location_id)
 
@@ -81,6 +82,16 @@ class Reserve:
         fields.pop("request_id")
         fields["ttl"] = self.ttl.total_seconds() if self.ttl is not None else None
         return json.dumps(fields, sort_keys=True).encode()
+
+
+@dataclass(frozen=True)
+class ListReservations:
+    """A channel's reservations with one reference, optionally of some statuses only."""
+
+    channel: str
+    reference: str
+    # None stands for a status the domain does not know (unspecified or unknown).
+    statuses: tuple[LineStatus | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -327,6 +338,26 @@ def validate_reserve(command: Reserve) -> None:
                 )
             )
         seen.setdefault(line.key, index)
+    if problems:
+        raise InvalidArgument(problems)
+
+
+def validate_list_reservations(query: ListReservations) -> None:
+    """Reject a malformed ListReservations whole, before anything is read."""
+    problems = check_id(query.channel, "channel", "the channel")
+    problems += check_id(query.reference, "reference", "the reference")
+    most = len(LineStatus)
+    if len(query.statuses) > most:
+        problems.append(
+            FieldViolation("statuses", f"at most {most} statuses; there are only {most}")
+        )
+    for index, status in enumerate(query.statuses[:most]):
+        if status is None:
+            problems.append(
+                FieldViolation(
+                    f"statuses[{index}]", "must be ACTIVE, RELEASED, EXPIRED, CONSUMED or SHORT"
+                )
+            )
     if problems:
         raise InvalidArgument(problems)
 

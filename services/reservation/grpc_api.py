@@ -67,6 +67,12 @@ class ReservationServicer(pb_grpc.ReservationServiceServicer):
         reservation = await self._handlers.get(request.reservation_id)
         return pb.GetReservationResponse(reservation=convert.reservation_out(reservation))
 
+    async def ListReservations(
+        self, request: pb.ListReservationsRequest, context: Context
+    ) -> pb.ListReservationsResponse:
+        found = await self._handlers.list_by_reference(convert.list_reservations_in(request))
+        return pb.ListReservationsResponse(reservations=[convert.reservation_out(r) for r in found])
+
     async def GetAvailability(
         self, request: pb.GetAvailabilityRequest, context: Context
     ) -> pb.GetAvailabilityResponse:

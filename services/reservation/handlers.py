@@ -347,6 +347,20 @@ class ReservationHandlers:
             found = await storage.load_reservations(conn, [reservation_id])
         return _found(found, reservation_id)
 
+    async def list_by_reference(self, query: domain.ListReservations) -> list[domain.Reservation]:
+        """A channel's reservations with one reference, newest first, at most 100."""
+        domain.validate_list_reservations(query)
+        statuses = [status for status in query.statuses if status is not None]
+        async with self.pool.acquire() as conn:
+            # One snapshot: a hold that changes between finding and loading it
+            # cannot come back with a status the filter excluded.
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                ids = await storage.reservations_by_reference(
+                    conn, query.channel, query.reference, statuses, domain.MAX_LISTED_RESERVATIONS
+                )
+                found = await storage.load_reservations(conn, ids)
+        return [found[rid] for rid in ids]
+
     # -- availability ---------------------------------------------------------------
 
     async def availability(

@@ -467,6 +467,32 @@ async def load_reservations(
     }
 
 
+async def reservations_by_reference(
+    conn: Connection,
+    channel: str,
+    reference: str,
+    statuses: Collection[LineStatus],
+    limit: int,
+) -> list[str]:
+    """Ids of ``channel``'s reservations with ``reference`` (of ``statuses``; any when
+    empty), newest first, at most ``limit``."""
+    rows = await conn.fetch(
+        """
+        SELECT reservation_id
+        FROM reservation.reservations
+        WHERE channel = $1 AND reference = $2
+          AND (cardinality($3::text[]) = 0 OR status = ANY($3::text[]))
+        ORDER BY created_at DESC, reservation_id DESC
+        LIMIT $4
+        """,
+        channel,
+        reference,
+        sorted({status.value for status in statuses}),
+        limit,
+    )
+    return [str(r["reservation_id"]) for r in rows]
+
+
 async def active_reservations_at(conn: Connection, key: StockKey) -> list[str]:
     """Ids of reservations with an active line at (sku, location), newest first."""
     rows = await conn.fetch(

@@ -1,0 +1,1 @@
+"""The order routing service: where each order is fulfilled from, and why."""

@@ -1,0 +1,90 @@
+"""Services shared by the integration tests of several contexts.
+
+The reservation service runs in-process on a free port beside the ledger
+(session-scoped, started once); ``eventually`` waits for asynchronous effects
+the way a real client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+import pytest
+
+from omni.reservation.v1 import reservation_service_pb2_grpc as pb_grpc
+from omnistock.service import RunningService, start_service
+from omnistock.settings import Settings
+from services.reservation.app import SPEC as RESERVATION
+from tests.conftest import ReservationStub
+
+T = TypeVar("T")
+
+
+def reservation_settings(settings: Settings, ledger: RunningService) -> Settings:
+    """Settings for a reservation replica in the tests: quick sweeps, short grace."""
+    return settings.model_copy(
+        update={
+            "ledger_target": f"127.0.0.1:{ledger.grpc_port}",
+            "reservation_sweep_interval_seconds": 0.2,
+            "reservation_short_grace_seconds": 1.0,
+            "watch_max_lag_seconds": 2.0,
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+async def reservation_service(
+    settings: Settings, ledger_service: RunningService
+) -> AsyncIterator[RunningService]:
+    """The reservation service, running in-process on a free port."""
+    service = await start_service(
+        RESERVATION,
+        reservation_settings(settings, ledger_service),
+        grpc_port=0,
+        serve_metrics_endpoint=False,
+    )
+    yield service
+    await service.stop()
+
+
+@pytest.fixture(scope="session")
+async def reservation_channel(
+    reservation_service: RunningService,
+) -> AsyncIterator[grpc.aio.Channel]:
+    """A real gRPC channel to the reservation service."""
+    address = f"127.0.0.1:{reservation_service.grpc_port}"
+    async with grpc.aio.insecure_channel(address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def reservations(reservation_channel: grpc.aio.Channel) -> ReservationStub:
+    """A typed stub of the reservation service."""
+    stub: ReservationStub = pb_grpc.ReservationServiceStub(reservation_channel)
+    return stub
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], accept: Callable[[T], bool], within: float = 15.0
+) -> T:
+    """Call ``probe`` until its result is accepted; fails with the last result seen."""
+    deadline = time.monotonic() + within
+    last: T | None = None
+    while time.monotonic() < deadline:
+        try:
+            last = await probe()
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in (
+                grpc.StatusCode.INVALID_ARGUMENT,  # the ledger's master data not here yet
+                grpc.StatusCode.NOT_FOUND,
+            ):
+                raise
+        else:
+            if accept(last):
+                return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"condition not met within {within} s; last result: {last!r}")
