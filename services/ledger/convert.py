@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from omni.common.v1 import types_pb2
 from omni.ledger.v1 import events_pb2, resources_pb2
+from omni.routing.v1 import events_pb2 as routing_events
+from omni.routing.v1 import resources_pb2 as routing_resources
 from omnistock.errors import FieldViolation, InvalidArgument
 from omnistock.wire import timestamp_in, timestamp_out
 from services.ledger import domain
@@ -32,6 +34,15 @@ _KINDS_OUT = {
     domain.MovementKind.SHIPMENT: resources_pb2.MOVEMENT_KIND_SHIPMENT,
     domain.MovementKind.RETURN: resources_pb2.MOVEMENT_KIND_RETURN,
     domain.MovementKind.STATE_CHANGE: resources_pb2.MOVEMENT_KIND_STATE_CHANGE,
+}
+
+_DISPOSITIONS = {
+    routing_resources.RETURN_DISPOSITION_RESTOCK: domain.ReturnDisposition.RESTOCK,
+    routing_resources.RETURN_DISPOSITION_SEND_TO_DISTRIBUTION_CENTRE: (
+        domain.ReturnDisposition.SEND_TO_DISTRIBUTION_CENTRE
+    ),
+    routing_resources.RETURN_DISPOSITION_QUARANTINE: domain.ReturnDisposition.QUARANTINE,
+    routing_resources.RETURN_DISPOSITION_WRITE_OFF: domain.ReturnDisposition.WRITE_OFF,
 }
 
 _LOCATION_KINDS = {
@@ -234,3 +245,29 @@ def location_upserted(location: domain.Location) -> events_pb2.LocationUpserted:
 def sku_upserted(sku: domain.Sku) -> events_pb2.SkuUpserted:
     """The SkuUpserted event of a stored SKU."""
     return events_pb2.SkuUpserted(sku=sku_out(sku))
+
+
+def routed_return_in(event: routing_events.ReturnRouted) -> domain.RoutedReturn:
+    """The return of order routing's ReturnRouted; an unknown disposition becomes None."""
+    order_return = event.order_return
+    return domain.RoutedReturn(
+        return_id=order_return.return_id,
+        location_id=order_return.location_id,
+        lines=tuple(
+            domain.ReturnedLine(
+                sku=line.sku,
+                quantity=line.quantity,
+                disposition=_DISPOSITIONS.get(
+                    routing_resources.ReturnDisposition.ValueType(line.disposition)
+                ),
+                destination_location_id=line.destination_location_id,
+                transfer_id=line.transfer_id,
+            )
+            for line in order_return.lines
+        ),
+        occurred_at=timestamp_in(
+            order_return.created_at,
+            order_return.HasField("created_at"),
+            "order_return.created_at",
+        ),
+    )

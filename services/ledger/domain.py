@@ -14,6 +14,7 @@ the fix is a cycle count (which sets an absolute quantity), not a silent debt.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from enum import StrEnum
 from functools import cached_property
 
 from omnistock.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
-from omnistock.validation import check_id, check_reason, check_text
+from omnistock.validation import ID_PATTERN, check_id, check_reason, check_text
 
 MAX_BATCH_SIZE = 500
 MAX_QUANTITY = 1_000_000
@@ -657,6 +658,124 @@ def describe(movement: PostMovement) -> dict[str, str | int]:
         case CycleCount(counted_quantity=counted):
             columns["counted_quantity"] = counted
     return columns
+
+
+# ---------------------------------------------------------------------------
+# Returns routed by order routing: the movements each disposition stands for.
+
+
+class ReturnDisposition(StrEnum):
+    """What order routing decided for returned units (omni.routing.v1.ReturnDisposition)."""
+
+    RESTOCK = "restock"
+    SEND_TO_DISTRIBUTION_CENTRE = "send_to_distribution_centre"
+    QUARANTINE = "quarantine"
+    WRITE_OFF = "write_off"
+
+
+WRITTEN_OFF_REASON = "WRITTEN_OFF"
+_RETURN_DEVICE_PREFIX = "return:"
+# For a return id that does not fit "return:<return_id>" into a device id (longer
+# than 57 characters, or with characters the id rule refuses). The readable form
+# always starts with "return:", this one never does, so the two cannot meet.
+_HASHED_RETURN_DEVICE_PREFIX = "return-sha256:"
+_RETURN_DIGEST_LENGTH = 40  # hex characters, 160 bits
+
+
+@dataclass(frozen=True)
+class ReturnedLine:
+    """Units of one SKU returned at a store, and what happens to them."""
+
+    sku: str
+    quantity: int
+    disposition: ReturnDisposition | None
+    destination_location_id: str = ""
+    transfer_id: str = ""
+
+
+@dataclass(frozen=True)
+class RoutedReturn:
+    """A customer return handed in at a store, with a disposition per line."""
+
+    return_id: str
+    location_id: str
+    lines: tuple[ReturnedLine, ...]
+    occurred_at: datetime | None = None
+
+
+def return_device_id(return_id: str) -> str:
+    """The device id the movements of a return are keyed by: stable, at most 64 characters.
+
+    ``return:<return_id>`` when that is a valid identifier, otherwise
+    ``return-sha256:`` and the first 40 hex digits of the id's SHA-256.
+    """
+    readable = _RETURN_DEVICE_PREFIX + return_id
+    if ID_PATTERN.fullmatch(readable):
+        return readable
+    digest = hashlib.sha256(return_id.encode()).hexdigest()[:_RETURN_DIGEST_LENGTH]
+    return _HASHED_RETURN_DEVICE_PREFIX + digest
+
+
+def return_movements(routed: RoutedReturn) -> list[PostMovement]:
+    """The movements of a routed return, in posting order, for one batch.
+
+    Every line first comes back into the store as a customer return (reference:
+    the return id): restocked into sellable, quarantined into quarantine,
+    written off into damaged. Units sent to a distribution centre are then
+    transferred out of the store's sellable stock on the line's transfer; units
+    written off leave damaged with an adjustment ``WRITTEN_OFF``. The keys are
+    ``(return_device_id(return_id), 1, 2, ...)`` in that order, so posting the
+    same return again replays instead of counting twice.
+
+    Raises InvalidArgument for a return without id or lines, or a line without a
+    known disposition; quantities, SKUs, locations and transfers are checked by
+    :func:`validate_batch` like those of any other batch.
+    """
+    problems: list[FieldViolation] = []
+    if not routed.return_id:
+        problems.append(FieldViolation("order_return.return_id", "the return id is required"))
+    if not routed.lines:
+        problems.append(FieldViolation("order_return.lines", "must contain at least one line"))
+    for index, line in enumerate(routed.lines):
+        if line.disposition is None:
+            problems.append(
+                FieldViolation(
+                    f"order_return.lines[{index}].disposition", "is not a known disposition"
+                )
+            )
+    if problems:
+        raise InvalidArgument(problems, reason="INVALID_RETURN")
+    device = return_device_id(routed.return_id)
+    steps = [
+        (line.sku, detail)
+        for line in routed.lines
+        for detail in _disposition_details(line, routed.return_id)
+    ]
+    return [
+        PostMovement(IdempotencyKey(device, sequence), sku, routed.location_id, detail,
+                     routed.occurred_at)
+        for sequence, (sku, detail) in enumerate(steps, start=1)
+    ]  # fmt: skip
+
+
+def _disposition_details(line: ReturnedLine, reference: str) -> list[MovementDetail]:
+    quantity = line.quantity
+    match line.disposition:
+        case ReturnDisposition.RESTOCK:
+            return [CustomerReturn(quantity, StockState.SELLABLE, reference)]
+        case ReturnDisposition.SEND_TO_DISTRIBUTION_CENTRE:
+            return [
+                CustomerReturn(quantity, StockState.SELLABLE, reference),
+                TransferOut(line.transfer_id, line.destination_location_id, quantity),
+            ]
+        case ReturnDisposition.QUARANTINE:
+            return [CustomerReturn(quantity, StockState.QUARANTINE, reference)]
+        case ReturnDisposition.WRITE_OFF:
+            return [
+                CustomerReturn(quantity, StockState.DAMAGED, reference),
+                Adjustment(-quantity, WRITTEN_OFF_REASON, StockState.DAMAGED),
+            ]
+    raise AssertionError(f"unvalidated return line {line!r}")
 
 
 # ---------------------------------------------------------------------------

@@ -65,16 +65,30 @@ class LedgerHandlers:
         except DomainError as error:
             ledger_metrics.REJECTED_BATCHES.labels(error.reason).inc()
             raise
-        for result in results:
-            if result.replayed:
-                ledger_metrics.REPLAYED.inc()
-                continue
-            kind = result.movement.kind.value
-            ledger_metrics.MOVEMENTS.labels(kind).inc()
-            ledger_metrics.MOVEMENT_UNITS.labels(kind).inc(
-                abs(result.movement.postings[0].quantity_delta)
-            )
+        _count_recorded(results)
         return results
+
+    async def post_movements_in(
+        self, conn: Connection, movements: Sequence[domain.PostMovement]
+    ) -> list[domain.PostedMovement]:
+        """Record a batch like :meth:`post_movements`, in the caller's transaction.
+
+        For event consumers: the movements commit (or roll back) together with
+        whatever else the caller writes, such as its inbox record. Errors are
+        raised for the caller to handle; the batch-size and rejected-batch
+        metrics belong to PostMovements and are not touched here.
+        """
+        results = await self._post(conn, domain.validate_batch(movements))
+        # Counted before the caller commits: a commit that fails and is retried
+        # counts its movements twice, which the metrics can bear.
+        _count_recorded(results)
+        return results
+
+    async def record_return(
+        self, conn: Connection, routed: domain.RoutedReturn
+    ) -> list[domain.PostedMovement]:
+        """Post the movements of a return order routing routed, in one batch on ``conn``."""
+        return await self.post_movements_in(conn, domain.return_movements(routed))
 
     async def _post(
         self, conn: Connection, movements: list[domain.PostMovement]
@@ -287,6 +301,18 @@ class LedgerHandlers:
             )
         next_token = rows[limit - 1].sku if len(rows) > limit else ""
         return rows[:limit], next_token
+
+
+def _count_recorded(results: Sequence[domain.PostedMovement]) -> None:
+    for result in results:
+        if result.replayed:
+            ledger_metrics.REPLAYED.inc()
+            continue
+        kind = result.movement.kind.value
+        ledger_metrics.MOVEMENTS.labels(kind).inc()
+        ledger_metrics.MOVEMENT_UNITS.labels(kind).inc(
+            abs(result.movement.postings[0].quantity_delta)
+        )
 
 
 def _check_page_size(page_size: int) -> list[FieldViolation]:
