@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     consumer_max_deliveries: int = 5
     # Where services call each other; unset means grpc_host and the service's port.
     ledger_target: str | None = None
+    reservation_target: str | None = None
 
     # Reservation: sweeper cadence, how long a departure (shipment, transfer out)
     # may leave holds uncovered before they are marked short, and how long a
@@ -83,6 +84,9 @@ class Settings(BaseSettings):
     reservation_batch_max: int = 128
     reservation_batch_concurrency: int = 2
     watch_max_lag_seconds: float = 10.0
+    # Routing: how often the routing worker looks for orders to (re)route (an
+    # interrupted routing, units a source failed).
+    routing_work_interval_seconds: float = 0.5
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 
