@@ -317,7 +317,13 @@ def order_out(
             for line in order.lines
         ],
         status=STATUSES_OUT[order.status],
-        allocations=[allocation_out(a) for a in order.allocations],
+        allocations=[
+            allocation_out(a)
+            for a in sorted(
+                order.allocations,
+                key=lambda a: (a.plan_number, a.line_number, a.location_id, a.allocation_id),
+            )
+        ],
         failed_location_ids=list(order.failed),
         cart_reservation_id=order.cart_reservation_id,
         attention_reason=order.attention_reason,

@@ -848,8 +848,12 @@ class RoutingHandlers:
         if order == before:
             return
         failed = set(order.failed) - set(before.failed)
-        if stored.order.status is not OrderStatus.ROUTING:
-            order = domain.settle(order, datetime.now(UTC))
+        now = datetime.now(UTC)
+        if failed:
+            # Units to route again: the routing worker takes it from here.
+            order = replace(order, status=OrderStatus.ROUTING, updated_at=now)
+        elif stored.order.status is not OrderStatus.ROUTING:
+            order = domain.settle(order, now)
         await storage.save_order(
             conn,
             order,

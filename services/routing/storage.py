@@ -221,7 +221,8 @@ async def load_order(conn: Connection, order_id: str, *, lock: bool = False) -> 
         "SELECT * FROM routing.order_lines WHERE order_id = $1 ORDER BY line_number", order_id
     )
     allocations = await conn.fetch(
-        "SELECT * FROM routing.allocations WHERE order_id = $1 ORDER BY created_at, allocation_id",
+        "SELECT * FROM routing.allocations WHERE order_id = $1 "
+        "ORDER BY plan_number, line_number, location_id, allocation_id",
         order_id,
     )
     request = bytes(row["request"])
@@ -301,7 +302,7 @@ async def save_order(
             reroute_cause = coalesce($8, reroute_cause),
             lease_token = CASE WHEN $9 THEN NULL ELSE lease_token END,
             lease_until = CASE WHEN $9 THEN NULL ELSE lease_until END,
-            updated_at = now()
+            updated_at = coalesce($10, now())
         WHERE order_id = $1
         """,
         order.order_id,
@@ -313,6 +314,7 @@ async def save_order(
         work_due,
         reroute_cause,
         release_lease,
+        order.updated_at,
     )
     await conn.executemany(
         """
