@@ -667,7 +667,7 @@ def dispose(
         return (
             Disposition.QUARANTINE,
             store.location_id,
-            f"{store.name} does not carry it and no distribution centre is open: kept aside",
+            f"{store.name} does not carry it and no distribution centre takes returns: kept aside",
         )
     distance = haversine_km(store.position, centre.position)
     return (
@@ -678,11 +678,11 @@ def dispose(
 
 
 def nearest_centre(store: Location, locations: Mapping[str, Location]) -> Location | None:
-    """The open distribution centre nearest to ``store`` (ties by id)."""
+    """The open distribution centre taking returns nearest to ``store`` (ties by id)."""
     centres = [
         loc
         for loc in locations.values()
-        if loc.kind is SourceKind.DISTRIBUTION_CENTRE and not loc.closed
+        if loc.kind is SourceKind.DISTRIBUTION_CENTRE and loc.accepts_returns and not loc.closed
     ]
     return min(
         centres,

@@ -41,7 +41,13 @@ from omnistock.messaging.envelope import OutgoingEvent
 from omnistock.validation import check_id
 from services.routing import convert, domain, planner, storage
 from services.routing import metrics as m
-from services.routing.clients import Hold, LedgerClient, ReservationClient, StockMoved
+from services.routing.clients import (
+    Availability,
+    Hold,
+    LedgerClient,
+    ReservationClient,
+    StockMoved,
+)
 from services.routing.domain import AllocationStatus, Order, OrderStatus
 from services.routing.planner import Method
 
@@ -148,8 +154,11 @@ class RoutingHandlers:
             return self._replay(answer, request_digest, request.request_id)
         domain.check_pickup_store(given, locations)
         await self._check_cart(given)
-        # The SKUs are checked by asking for their availability before anything is kept.
-        await self.reservations.availability(given.channel, [line.sku for line in given.lines])
+        # Asking for availability checks the channel and SKUs before anything is
+        # kept; the answer is the first plan's too.
+        availability = await self.reservations.availability(
+            given.channel, [line.sku for line in given.lines]
+        )
         order = Order(
             order_id=given.order_id,
             channel=given.channel,
@@ -172,7 +181,10 @@ class RoutingHandlers:
         if not await unit_of_work(self.pool, keep):
             return await self._existing(request, request_digest, token)
         return await self._route_pass(
-            order.order_id, token, answer=(request.request_id, request_digest)
+            order.order_id,
+            token,
+            answer=(request.request_id, request_digest),
+            availability=availability,
         )
 
     def _replay(
@@ -239,7 +251,12 @@ class RoutingHandlers:
     # -- the routing pass (first routing, resumption, reroute) ---------------------------
 
     async def _route_pass(
-        self, order_id: str, token: uuid.UUID, *, answer: tuple[str, bytes] | None = None
+        self,
+        order_id: str,
+        token: uuid.UUID,
+        *,
+        answer: tuple[str, bytes] | None = None,
+        availability: Availability | None = None,
     ) -> pb.Order:
         """Plan and hold the order's open need, then keep the result (see module doc)."""
         async with self.pool.acquire() as conn:
@@ -252,7 +269,12 @@ class RoutingHandlers:
         full: set[str] = set()
         while True:
             needs = domain.open_needs(order)
-            planned = await self._plan_and_hold(order, needs, full, first=first) if needs else None
+            planned = (
+                await self._plan_and_hold(order, needs, full, first=first, known=availability)
+                if needs
+                else None
+            )
+            availability = None
             try:
                 return await unit_of_work(
                     self.pool,
@@ -300,7 +322,13 @@ class RoutingHandlers:
         )
 
     async def _plan_and_hold(
-        self, order: Order, needs: tuple[planner.Need, ...], full: set[str], *, first: bool
+        self,
+        order: Order,
+        needs: tuple[planner.Need, ...],
+        full: set[str],
+        *,
+        first: bool,
+        known: Availability | None = None,
     ) -> Planned:
         """Plan ``needs`` and hold the plan, planning again while stock moves."""
         locations, rules = await self._network()
@@ -309,7 +337,8 @@ class RoutingHandlers:
         cart = await self._usable_cart(order) if first else None
         while True:
             now = datetime.now(UTC)
-            availability = await self.reservations.availability(order.channel, skus)
+            availability = known or await self.reservations.availability(order.channel, skus)
+            known = None
             units = dict(availability.units)
             for line in cart.lines if cart else ():
                 units[(line.sku, line.location_id)] = (

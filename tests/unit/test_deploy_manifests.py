@@ -59,6 +59,11 @@ COUNTERS_AND_GAUGES = frozenset(
         "omni_reservation_watch_subscribers",
         "omni_reservation_watch_updates_total",
         "omni_reservation_watch_dropped_subscribers_total",
+        "omni_routing_orders_total",
+        "omni_routing_replans_total",
+        "omni_routing_reroutes_total",
+        "omni_routing_orders_needing_attention_total",
+        "omni_routing_orders_awaiting_attention",
         "omni_sweeper_runs_total",
         "omni_sweeper_items_total",
         "omni_sweeper_last_success_timestamp_seconds",
@@ -73,6 +78,8 @@ HISTOGRAMS = frozenset(
         "omni_consumer_event_age_seconds",
         "omni_ledger_batch_movements",
         "omni_reservation_movement_to_availability_seconds",
+        "omni_routing_plan_duration_seconds",
+        "omni_routing_plan_shipments",
         "omni_group_commit_batch_size",
         "omni_group_commit_queue_seconds",
         "omni_group_commit_batch_seconds",
@@ -157,7 +164,7 @@ def k8s_documents() -> dict[str, dict[str, Any]]:
 
 
 # (compose service and component name, gRPC port, metrics port) of the deployed services.
-SERVICES = [("ledger", 50051, 9101), ("reservation", 50052, 9102)]
+SERVICES = [("ledger", 50051, 9101), ("reservation", 50052, 9102), ("routing", 50053, 9103)]
 
 YAML_FILES = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
 
@@ -309,7 +316,9 @@ def test_prometheus_scrape_jobs_name_the_service() -> None:
 def test_compose_prepares_before_the_services() -> None:
     compose = load_yaml(DEPLOY / "compose" / "compose.yaml")
     services = compose["services"]
-    expected = {"postgres", "nats", "prepare", "ledger", "reservation", "prometheus", "grafana"}
+    expected = {
+        "postgres", "nats", "prepare", "ledger", "reservation", "routing", "prometheus", "grafana"
+    }  # fmt: skip
     assert expected <= set(services)
     assert "omni migrate" in services["prepare"]["command"][-1]
     assert "omni provision-streams" in services["prepare"]["command"][-1]
@@ -322,8 +331,12 @@ def test_compose_prepares_before_the_services() -> None:
         assert f"127.0.0.1:{grpc_port}:{grpc_port}" in service["ports"], name
         assert f"127.0.0.1:{metrics_port}:{metrics_port}" in service["ports"], name
         assert f"127.0.0.1:{grpc_port}" in service["healthcheck"]["test"][-1], name
-    # The reservation service calls the ledger by its compose service name.
+    # The reservation service calls the ledger by its compose service name;
+    # routing calls the ledger and the reservation service.
     assert services["reservation"]["environment"]["OMNI_LEDGER_TARGET"] == "ledger:50051"
+    assert services["routing"]["environment"]["OMNI_LEDGER_TARGET"] == "ledger:50051"
+    assert services["routing"]["environment"]["OMNI_RESERVATION_TARGET"] == "reservation:50052"
+    assert {"ledger", "reservation"} <= set(services["routing"]["depends_on"])
     nats_conf = (DEPLOY / "compose" / "nats.conf").read_text(encoding="utf-8")
     assert re.search(r"^\s*sync_interval:\s*always\s*$", nats_conf, flags=re.MULTILINE)
 
@@ -352,6 +365,7 @@ def test_kustomization_lists_existing_files_but_not_the_secret_example() -> None
     [
         ("ledger", 3, 50051, 9101, "omni.ledger.v1.StockLedgerService"),
         ("reservation", 2, 50052, 9102, "omni.reservation.v1.ReservationService"),
+        ("routing", 2, 50053, 9103, "omni.routing.v1.OrderRoutingService"),
     ],
 )
 def test_deployment_is_hardened_and_drains_gracefully(
@@ -388,11 +402,18 @@ def test_deployment_is_hardened_and_drains_gracefully(
     assert "Job/omnistock-prepare" in objects
 
 
-def test_ledger_target_is_the_ledger_service() -> None:
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [
+        ("OMNI_LEDGER_TARGET", "omnistock-ledger"),
+        ("OMNI_RESERVATION_TARGET", "omnistock-reservation"),
+    ],
+)
+def test_service_targets_are_the_services(variable: str, expected: str) -> None:
     objects = k8s_documents()
-    target = objects["ConfigMap/omnistock-config"]["data"]["OMNI_LEDGER_TARGET"]
+    target = objects["ConfigMap/omnistock-config"]["data"][variable]
     host, port = target.rsplit(":", 1)
     service = host.split(".")[0]
     assert host in {service, f"{service}.omnistock", f"{service}.omnistock.svc.cluster.local"}
     ports = [p["port"] for p in objects[f"Service/{service}"]["spec"]["ports"]]
-    assert service == "omnistock-ledger" and int(port) in ports
+    assert service == expected and int(port) in ports

@@ -20,7 +20,8 @@ from omnistock.messaging.envelope import MSG_ID_HEADER, OutgoingEvent, unpack, w
 from omnistock.service import RunningService
 from omnistock.settings import Settings
 from services.reservation.handlers import ReservationHandlers
-from tests.integration.reservation.conftest import ORDER, Shop, eventually, reservation_settings
+from tests.integration.conftest import eventually, reservation_settings
+from tests.integration.reservation.conftest import ORDER, Shop
 
 
 async def events_about(pool: Pool, subject: str, reservation_ids: set[str]) -> list[str]:

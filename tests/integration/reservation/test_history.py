@@ -35,8 +35,9 @@ from omni.reservation.v1 import reservation_service_pb2 as pb
 from omni.reservation.v1 import resources_pb2 as res
 from omnistock.db import Pool
 from tests.conftest import ReservationStub
+from tests.integration.conftest import eventually
 from tests.integration.helpers import failure
-from tests.integration.reservation.conftest import CART, ORDER, Shop, eventually, reserve_request
+from tests.integration.reservation.conftest import CART, ORDER, Shop, reserve_request
 
 SAFETY = 1
 Key = tuple[str, str]

@@ -8,8 +8,9 @@ from google.protobuf.duration_pb2 import Duration
 
 from omni.reservation.v1 import reservation_service_pb2 as pb
 from omni.reservation.v1 import resources_pb2 as res
+from tests.integration.conftest import eventually
 from tests.integration.helpers import failure
-from tests.integration.reservation.conftest import ORDER, Shop, eventually, reserve_request
+from tests.integration.reservation.conftest import ORDER, Shop, reserve_request
 
 
 async def test_a_hold_lowers_availability_and_a_release_gives_it_back(shop: Shop) -> None:

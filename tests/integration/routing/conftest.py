@@ -46,7 +46,9 @@ GRONINGEN = (53.2194, 6.5665)
 NIEUWEGEIN = (52.0292, 5.0806)  # a suburb of Utrecht
 
 
-def routing_settings(settings: Settings, ledger: RunningService, reservation: RunningService) -> Settings:
+def routing_settings(
+    settings: Settings, ledger: RunningService, reservation: RunningService
+) -> Settings:
     """Settings for a routing replica in the tests: a quick routing worker."""
     return settings.model_copy(
         update={
@@ -91,7 +93,9 @@ class Place:
 class World:
     """One test's retail network, channel and stock, built through the public APIs."""
 
-    def __init__(self, network: Network, reservations: ReservationStub, routing: RoutingStub) -> None:
+    def __init__(
+        self, network: Network, reservations: ReservationStub, routing: RoutingStub
+    ) -> None:
         self.network = network
         self.ledger: LedgerStub = network.ledger
         self.reservations = reservations
@@ -123,27 +127,35 @@ class World:
             locations.append(
                 ledger_res.Location(
                     location_id=self.id(name),
-                    kind=types_pb2.LOCATION_KIND_STORE if store else types_pb2.LOCATION_KIND_DISTRIBUTION_CENTRE,
+                    kind=types_pb2.LOCATION_KIND_STORE
+                    if store
+                    else types_pb2.LOCATION_KIND_DISTRIBUTION_CENTRE,
                     name=f"{name.title()} ({kind})",
                     position=types_pb2.GeoPoint(latitude=lat, longitude=lon),
                     capabilities=ledger_res.LocationCapabilities(
                         ship_from_store=name not in no_ship,
                         click_and_collect=store and name not in no_collect,
-                        accepts_returns=store,
+                        accepts_returns=True,
                         daily_capacity=capacity.get(name, 0),
                     ),
                 )
             )
         await self.ledger.UpsertLocations(
-            ledger_pb.UpsertLocationsRequest(request_id=f"loc-{uuid.uuid4().hex[:12]}", locations=locations)
+            ledger_pb.UpsertLocationsRequest(
+                request_id=f"loc-{uuid.uuid4().hex[:12]}", locations=locations
+            )
         )
         self.places = [loc.location_id for loc in locations]
         self.skus = await self.network.skus(skus)
         sellable = [self.id(n) for n in sells_from] if sells_from is not None else self.places
-        rules = res.ChannelRules(channel=self.channel, location_ids=sellable, cart_ttl=Duration(seconds=1200))
+        rules = res.ChannelRules(
+            channel=self.channel, location_ids=sellable, cart_ttl=Duration(seconds=1200)
+        )
         await eventually(
             lambda: self.reservations.SetChannelRules(
-                res_pb.SetChannelRulesRequest(request_id=f"rules-{uuid.uuid4().hex[:12]}", rules=rules)
+                res_pb.SetChannelRulesRequest(
+                    request_id=f"rules-{uuid.uuid4().hex[:12]}", rules=rules
+                )
             ),
             lambda _: True,
         )
@@ -165,12 +177,16 @@ class World:
                 ]
             )
         )
-        await eventually(lambda: self.available(sku, name), lambda units: units == before + quantity)
+        await eventually(
+            lambda: self.available(sku, name), lambda units: units == before + quantity
+        )
 
     async def available(self, sku: str, name: str) -> int:
         """The channel's available-to-promise of ``sku`` at a location."""
         found = await self.reservations.GetAvailability(
-            res_pb.GetAvailabilityRequest(channel=self.channel, skus=[sku], location_ids=[self.id(name)])
+            res_pb.GetAvailabilityRequest(
+                channel=self.channel, skus=[sku], location_ids=[self.id(name)]
+            )
         )
         return found.availability[0].locations[0].available
 
@@ -274,7 +290,9 @@ async def publish(
 ) -> None:
     """Publish a fact as another service would (enveloped, with a message id)."""
     envelope = wrap(OutgoingEvent(subject, payload), producer)
-    await js.publish(subject, envelope.SerializeToString(), headers={MSG_ID_HEADER: envelope.event_id})
+    await js.publish(
+        subject, envelope.SerializeToString(), headers={MSG_ID_HEADER: envelope.event_id}
+    )
 
 
 @pytest.fixture

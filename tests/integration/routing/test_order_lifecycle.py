@@ -8,14 +8,16 @@ import grpc
 import pytest
 from nats.js import JetStreamContext
 
+from omni.common.v1 import types_pb2
 from omni.fulfilment.v1 import events_pb2 as fulfilment_events
 from omni.ledger.v1 import ledger_service_pb2 as ledger_pb
 from omni.reservation.v1 import resources_pb2 as res
 from omni.routing.v1 import resources_pb2 as pb
 from omni.routing.v1 import routing_service_pb2 as service_pb
-from omni.common.v1 import types_pb2
+from tests.conftest import Network
 from tests.integration.conftest import eventually
 from tests.integration.helpers import failure
+from tests.integration.reservation.conftest import reserve_request
 from tests.integration.routing.conftest import (
     AMSTERDAM,
     DEN_HAAG,
@@ -28,15 +30,15 @@ from tests.integration.routing.conftest import (
     held_allocations,
     publish,
 )
-from tests.conftest import Network
-from tests.integration.reservation.conftest import reserve_request
 
 
 def _line(sku: str, quantity: int) -> fulfilment_events.FulfilmentLine:
     return fulfilment_events.FulfilmentLine(sku=sku, quantity=quantity)
 
 
-async def test_a_rejection_reroutes_the_remainder_elsewhere(world: World, js: JetStreamContext) -> None:
+async def test_a_rejection_reroutes_the_remainder_elsewhere(
+    world: World, js: JetStreamContext
+) -> None:
     await world.build({"utrecht": ("store", UTRECHT), "amsterdam": ("store", AMSTERDAM)})
     (sku,) = world.skus
     await world.stock(sku, "utrecht", 2)
@@ -57,7 +59,9 @@ async def test_a_rejection_reroutes_the_remainder_elsewhere(world: World, js: Je
         ),
     )
 
-    rerouted = await eventually(lambda: world.get(order.order_id), lambda o: o.plan.plan_number == 2)
+    rerouted = await eventually(
+        lambda: world.get(order.order_id), lambda o: o.plan.plan_number == 2
+    )
     assert rerouted.status == pb.ORDER_STATUS_ROUTED
     assert list(rerouted.failed_location_ids) == [world.id("utrecht")]
     assert held_allocations(rerouted) == {(sku, world.id("amsterdam")): 2}
@@ -88,8 +92,13 @@ async def test_a_short_pick_reroutes_only_the_shortfall(world: World, js: JetStr
         ),
     )  # fmt: skip
 
-    rerouted = await eventually(lambda: world.get(order.order_id), lambda o: o.plan.plan_number == 2)
-    assert held_allocations(rerouted) == {(sku, world.id("utrecht")): 2, (sku, world.id("groningen")): 1}
+    rerouted = await eventually(
+        lambda: world.get(order.order_id), lambda o: o.plan.plan_number == 2
+    )
+    assert held_allocations(rerouted) == {
+        (sku, world.id("utrecht")): 2,
+        (sku, world.id("groningen")): 1,
+    }
     assert (await world.held_lines(order.order_id))[(sku, world.id("groningen"))] == 1
 
 
@@ -139,7 +148,9 @@ async def test_a_cancel_releases_the_holds(world: World) -> None:
     assert await world.available(jeans, "amsterdam") == 2
 
     request = service_pb.CancelOrderRequest(
-        request_id=f"cancel-{order.order_id}-2", order_id=order.order_id, reason_code="CUSTOMER_REQUEST"
+        request_id=f"cancel-{order.order_id}-2",
+        order_id=order.order_id,
+        reason_code="CUSTOMER_REQUEST",
     )
     whole = await world.routing.CancelOrder(request)
     assert whole.order.status == pb.ORDER_STATUS_CANCELLED
@@ -160,7 +171,11 @@ async def test_a_return_to_store_restocks_that_store_in_the_ledger(
     world: World, js: JetStreamContext
 ) -> None:
     await world.build(
-        {"utrecht": ("store", UTRECHT), "rotterdam": ("store", ROTTERDAM), "tilburg": ("dc", TILBURG)},
+        {
+            "utrecht": ("store", UTRECHT),
+            "rotterdam": ("store", ROTTERDAM),
+            "tilburg": ("dc", TILBURG),
+        },
         skus=2,
     )
     carried, foreign = world.skus
@@ -177,7 +192,9 @@ async def test_a_return_to_store_restocks_that_store_in_the_ledger(
             lines=[_line(carried, 2), _line(foreign, 1)], carrier="postnl", tracking_number="3S1",
         ),
     )  # fmt: skip
-    await eventually(lambda: world.get(order.order_id), lambda o: o.status == pb.ORDER_STATUS_FULFILLED)
+    await eventually(
+        lambda: world.get(order.order_id), lambda o: o.status == pb.ORDER_STATUS_FULFILLED
+    )
 
     answer = await world.routing.RouteReturn(
         service_pb.RouteReturnRequest(
@@ -186,9 +203,15 @@ async def test_a_return_to_store_restocks_that_store_in_the_ledger(
             order_id=order.order_id,
             location_id=world.id("rotterdam"),
             lines=[
-                service_pb.ReturnLineInput(sku=carried, quantity=1, condition=pb.ITEM_CONDITION_SELLABLE),
-                service_pb.ReturnLineInput(sku=carried, quantity=1, condition=pb.ITEM_CONDITION_DAMAGED),
-                service_pb.ReturnLineInput(sku=foreign, quantity=1, condition=pb.ITEM_CONDITION_SELLABLE),
+                service_pb.ReturnLineInput(
+                    sku=carried, quantity=1, condition=pb.ITEM_CONDITION_SELLABLE
+                ),
+                service_pb.ReturnLineInput(
+                    sku=carried, quantity=1, condition=pb.ITEM_CONDITION_DAMAGED
+                ),
+                service_pb.ReturnLineInput(
+                    sku=foreign, quantity=1, condition=pb.ITEM_CONDITION_SELLABLE
+                ),
             ],
         )
     )
@@ -199,11 +222,15 @@ async def test_a_return_to_store_restocks_that_store_in_the_ledger(
         pb.RETURN_DISPOSITION_WRITE_OFF,
         pb.RETURN_DISPOSITION_SEND_TO_DISTRIBUTION_CENTRE,
     ]
-    assert lines[2].destination_location_id == world.id("tilburg")
+    # Sent to the nearest distribution centre taking returns (other tests' count too).
+    centre = lines[2].destination_location_id
+    assert lines[2].transfer_id
 
     async def rotterdam_levels() -> dict[tuple[str, int], int]:
         found = await world.ledger.GetStockLevels(
-            ledger_pb.GetStockLevelsRequest(skus=[carried, foreign], location_ids=[world.id("rotterdam")])
+            ledger_pb.GetStockLevelsRequest(
+                skus=[carried, foreign], location_ids=[world.id("rotterdam")]
+            )
         )
         return {(level.stock.sku, level.stock.state): level.on_hand for level in found.levels}
 
@@ -211,17 +238,33 @@ async def test_a_return_to_store_restocks_that_store_in_the_ledger(
         rotterdam_levels, lambda found: found.get((carried, types_pb2.STOCK_STATE_SELLABLE)) == 2
     )
     assert levels.get((foreign, types_pb2.STOCK_STATE_SELLABLE), 0) == 0  # sent on, not kept
+    assert levels.get((carried, types_pb2.STOCK_STATE_DAMAGED), 0) == 0  # written off
+
+    async def in_transit() -> int:
+        found = await world.ledger.GetStockLevels(
+            ledger_pb.GetStockLevelsRequest(
+                skus=[foreign], location_ids=[centre], states=[types_pb2.STOCK_STATE_IN_TRANSIT]
+            )
+        )
+        return sum(level.on_hand for level in found.levels)
+
+    await eventually(in_transit, lambda units: units == 1)
     kept = await world.get(order.order_id)
     assert [line.returned_quantity for line in kept.lines] == [2, 1]
     assert kept.returns[0].return_id == answer.order_return.return_id
     with pytest.raises(grpc.aio.AioRpcError) as caught:
+        one_more = service_pb.ReturnLineInput(
+            sku=carried, quantity=1, condition=pb.ITEM_CONDITION_SELLABLE
+        )
         await world.routing.RouteReturn(
             service_pb.RouteReturnRequest(
-                request_id="ret-too-many", return_id="ret-too-many", order_id=order.order_id,
+                request_id="ret-too-many",
+                return_id="ret-too-many",
+                order_id=order.order_id,
                 location_id=world.id("rotterdam"),
-                lines=[service_pb.ReturnLineInput(sku=carried, quantity=1, condition=pb.ITEM_CONDITION_SELLABLE)],
+                lines=[one_more],
             )
-        )  # fmt: skip
+        )
     assert failure(caught.value).code == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -233,7 +276,9 @@ async def test_cart_holds_are_converted_not_held_twice(world: World) -> None:
     await world.known_to_routing("amsterdam")
     cart = (
         await world.reservations.Reserve(
-            reserve_request(world.channel, [(sku, world.id("utrecht"), 2)], reference=f"cart-{world.tag}")
+            reserve_request(
+                world.channel, [(sku, world.id("utrecht"), 2)], reference=f"cart-{world.tag}"
+            )
         )
     ).reservation
     assert await world.available(sku, "utrecht") == 0
@@ -250,7 +295,11 @@ async def test_cart_holds_are_converted_not_held_twice(world: World) -> None:
 
 async def test_click_and_collect_without_stock_plans_a_transfer(world: World) -> None:
     await world.build(
-        {"utrecht": ("store", UTRECHT), "nieuwegein": ("store", NIEUWEGEIN), "tilburg": ("dc", TILBURG)},
+        {
+            "utrecht": ("store", UTRECHT),
+            "nieuwegein": ("store", NIEUWEGEIN),
+            "tilburg": ("dc", TILBURG),
+        },
     )
     (sku,) = world.skus
     await world.stock(sku, "tilburg", 10)

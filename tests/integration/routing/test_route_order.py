@@ -21,7 +21,11 @@ from tests.integration.routing.conftest import (
 
 async def test_a_routed_order_holds_exactly_the_planned_stock(world: World) -> None:
     await world.build(
-        {"utrecht": ("store", UTRECHT), "amsterdam": ("store", AMSTERDAM), "tilburg": ("dc", TILBURG)},
+        {
+            "utrecht": ("store", UTRECHT),
+            "amsterdam": ("store", AMSTERDAM),
+            "tilburg": ("dc", TILBURG),
+        },
         skus=2,
     )
     jacket, scarf = world.skus
@@ -49,9 +53,10 @@ async def test_a_routed_order_holds_exactly_the_planned_stock(world: World) -> N
     # Utrecht has no scarf: a plan through it needs a second parcel.
     assert verdicts[world.id("utrecht")].outcome == pb.CANDIDATE_OUTCOME_MORE_EXPENSIVE
     assert verdicts[world.id("utrecht")].extra_cost_cents > 0
-    assert order.plan.rules_version == (await world.routing.GetRoutingRules(
-        service_pb.GetRoutingRulesRequest()
-    )).rules.version
+    assert (
+        order.plan.rules_version
+        == (await world.routing.GetRoutingRules(service_pb.GetRoutingRulesRequest())).rules.version
+    )
     assert (await world.get(order.order_id)) == order
 
 
