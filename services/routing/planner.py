@@ -26,6 +26,8 @@ EARTH_RADIUS_KM = 6371.0088
 # reaches it keeps the best plan found so far and says so (``exhaustive``).
 NODE_BUDGET = 20_000
 MAX_SUGGESTIONS = 3
+# Rounds of local search that improve the first covering plan before the exact search.
+MAX_IMPROVEMENTS = 20
 
 
 class SourceKind(Enum):
@@ -282,6 +284,38 @@ class _Search:
     steps: int = 0
     exhausted_budget: bool = False
 
+    def __post_init__(self) -> None:
+        # Per line, sources by cost per unit: the order the fractional bound fills in.
+        self.by_rate = {
+            i: sorted(cs, key=lambda c, i=i: (c.score / c.supply[i], c.location_id))
+            for i, cs in self.by_need.items()
+        }
+
+    def _floor(self, i: int, q: int, taken: set[str]) -> float | None:
+        """A lower bound on finishing line ``i`` (``q`` units) from sources not taken.
+
+        At least one whole source, and at least the cheapest fractional cover
+        (the linear relaxation of covering this line alone). None if impossible.
+        """
+        cheapest: float | None = None
+        fractional, left = 0.0, q
+        for c in self.by_rate[i]:
+            self.steps += 1
+            if c.location_id in taken:
+                continue
+            give = min(left, c.supply[i])
+            fractional += c.score * give / c.supply[i]
+            left -= give
+            if left == 0:
+                break
+        if left:
+            return None
+        for c in self.by_need[i]:
+            if c.location_id not in taken:
+                cheapest = c.score
+                break
+        return max(fractional, cheapest or 0)
+
     def best(
         self, need: Mapping[int, int], bound: int, seed: tuple[Candidate, ...]
     ) -> tuple[Candidate, ...]:
@@ -293,9 +327,19 @@ class _Search:
                 if score < best[0][0]:
                     best[0] = (score, chosen)
                 return
+            taken = {c.location_id for c in chosen}
+            # Every line left needs at least one more source: the dearest of their
+            # cheapest open sources bounds what finishing can cost.
+            floor = 0.0
+            for i, q in left.items():
+                line_floor = self._floor(i, q, taken)
+                if line_floor is None:
+                    return  # nothing left can give this line
+                floor = max(floor, line_floor)
+            if score + floor >= best[0][0]:
+                return
             # Branch on the line with the fewest possible sources.
             pivot = min(left, key=lambda i: (len(self.by_need[i]), i))
-            taken = {c.location_id for c in chosen}
             for candidate in self.by_need[pivot]:
                 self.steps += 1
                 if self.steps > NODE_BUDGET:
@@ -344,7 +388,64 @@ def greedy(candidates: Sequence[Candidate], need: Mapping[int, int]) -> tuple[Ca
         chosen.append(best)
         pool.remove(best)
         left = {i: q - best.supply.get(i, 0) for i, q in left.items() if q > best.supply.get(i, 0)}
-    return tuple(chosen)
+    return _without_redundant(chosen, need)
+
+
+def _covers(chosen: Sequence[Candidate], need: Mapping[int, int]) -> bool:
+    return all(sum(c.supply.get(i, 0) for c in chosen) >= q for i, q in need.items())
+
+
+def _without_redundant(
+    chosen: Sequence[Candidate], need: Mapping[int, int]
+) -> tuple[Candidate, ...]:
+    """Drop sources the others make redundant, dearest first."""
+    kept = list(chosen)
+    for c in sorted(chosen, key=_sort_key, reverse=True):
+        rest = [o for o in kept if o is not c]
+        if _covers(rest, need):
+            kept = rest
+    return tuple(kept)
+
+
+def improve(
+    candidates: Sequence[Candidate], need: Mapping[int, int], chosen: tuple[Candidate, ...]
+) -> tuple[Candidate, ...]:
+    """Local search from a covering set: add a source and drop what it makes
+    redundant, or swap one out and complete greedily, while that is cheaper.
+
+    A good first plan makes the exact search cut early; on its own it is the
+    answer when the search runs out of budget.
+    """
+    best, best_score = chosen, _score(chosen)
+    for _ in range(MAX_IMPROVEMENTS):
+        found = None
+        for c in sorted(candidates, key=_sort_key):
+            if c.score >= best_score or c in best:
+                continue
+            trial = _without_redundant((*best, c), need)
+            if _score(trial) < best_score:
+                found = trial
+                break
+        if found is None:
+            for out in best:
+                rest = [o for o in best if o is not out]
+                left = {
+                    i: q - sum(o.supply.get(i, 0) for o in rest)
+                    for i, q in need.items()
+                    if q > sum(o.supply.get(i, 0) for o in rest)
+                }
+                pool = [c for c in candidates if c is not out and c not in rest]
+                completion = greedy(pool, left)
+                if left and not completion:
+                    continue
+                trial = _without_redundant((*rest, *completion), need)
+                if _score(trial) < best_score:
+                    found = trial
+                    break
+        if found is None:
+            return best
+        best, best_score = found, _score(found)
+    return best
 
 
 def solve(
@@ -373,10 +474,17 @@ def solve(
         # A split must beat the single shipment by the margin.
         bound = math.floor(single.score * (100 - split_margin_percent) / 100) + 1
         chosen = search.best(need, bound, (single,))
+        if search.exhausted_budget:
+            # The search ran out before proving the single shipment best: a
+            # locally optimal split that beats the margin is the better answer.
+            split = improve(candidates, need, greedy(candidates, need))
+            if split and _score(split) < min(bound, _score(chosen)):
+                chosen = split
     else:
         seed = greedy(candidates, need)
         if not seed:
             return None
+        seed = improve(candidates, need, seed)
         chosen = search.best(need, _score(seed), seed)
     return tuple(sorted(chosen, key=_sort_key)), not search.exhausted_budget
 
