@@ -16,7 +16,7 @@ visits every set that could win.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import Enum
@@ -286,10 +286,7 @@ class _Search:
 
     def __post_init__(self) -> None:
         # Per line, sources by cost per unit: the order the fractional bound fills in.
-        self.by_rate = {
-            i: sorted(cs, key=lambda c, i=i: (c.score / c.supply[i], c.location_id))
-            for i, cs in self.by_need.items()
-        }
+        self.by_rate = {i: sorted(cs, key=_rate_key(i)) for i, cs in self.by_need.items()}
 
     def _floor(self, i: int, q: int, taken: set[str]) -> float | None:
         """A lower bound on finishing line ``i`` (``q`` units) from sources not taken.
@@ -358,6 +355,11 @@ class _Search:
 
         recurse((), dict(need), 0)
         return best[0][1]
+
+
+def _rate_key(i: int) -> Callable[[Candidate], tuple[float, str]]:
+    """Order by cost per unit of need ``i``."""
+    return lambda c: (c.score / c.supply[i], c.location_id)
 
 
 def _sort_key(c: Candidate) -> tuple[int, str]:
