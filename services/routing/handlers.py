@@ -180,12 +180,30 @@ class RoutingHandlers:
 
         if not await unit_of_work(self.pool, keep):
             return await self._existing(request, request_digest, token)
-        return await self._route_pass(
+        return await self._attended_pass(
             order.order_id,
             token,
             answer=(request.request_id, request_digest),
             availability=availability,
         )
+
+    async def _attended_pass(
+        self,
+        order_id: str,
+        token: uuid.UUID,
+        *,
+        answer: tuple[str, bytes],
+        availability: Availability | None = None,
+    ) -> pb.Order:
+        """A routing pass a caller waits for. If it fails, the lease goes at once
+        so the caller's retry can take over; the work stays due, so the routing
+        worker finishes it if no retry comes."""
+        try:
+            return await self._route_pass(order_id, token, answer=answer, availability=availability)
+        except BaseException:
+            async with self.pool.acquire() as conn:
+                await storage.drop_lease(conn, order_id, token)
+            raise
 
     def _replay(
         self, answer: tuple[bytes, bytes], request_digest: bytes, request_id: str
@@ -215,7 +233,7 @@ class RoutingHandlers:
         if digest(stored.request) != request_digest:
             raise reused(IDEMPOTENCY_ROUTE, request.request_id)
         await self._lease(request.order_id, token)
-        return await self._route_pass(
+        return await self._attended_pass(
             request.order_id, token, answer=(request.request_id, request_digest)
         )
 

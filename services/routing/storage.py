@@ -298,7 +298,7 @@ async def save_order(
         UPDATE routing.orders
         SET status = $2, plan_number = $3, plan = coalesce($4, plan),
             failed_location_ids = $5, attention_reason = $6,
-            work_due_at = CASE WHEN $7 THEN coalesce(work_due_at, now()) ELSE NULL END,
+            work_due_at = CASE WHEN $7 THEN now() ELSE NULL END,
             reroute_cause = coalesce($8, reroute_cause),
             lease_token = CASE WHEN $9 THEN NULL ELSE lease_token END,
             lease_until = CASE WHEN $9 THEN NULL ELSE lease_until END,
