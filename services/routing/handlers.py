@@ -573,6 +573,8 @@ class RoutingHandlers:
         # Failures recorded while this pass ran are the next pass's work.
         more_work = set(order.failed) - set(before.failed)
         order = domain.settle(order, now)
+        if more_work:
+            order = replace(order, status=OrderStatus.ROUTING)
         await storage.save_order(
             conn, order, plan=plan_bytes, work_due=bool(more_work), release_lease=True,
             reroute_cause=None,
@@ -586,7 +588,7 @@ class RoutingHandlers:
         if answer is not None:
             response = service_pb.RouteOrderResponse(order=out).SerializeToString()
             await storage.store_answer(conn, IDEMPOTENCY_ROUTE, answer[0], answer[1], response)
-        if first:
+        if first and planned is not None:
             outcome = (
                 "unsourced" if planned is None or not planned.plan.shipments
                 else "partial" if planned.plan.unsourced else "routed"
@@ -749,7 +751,11 @@ class RoutingHandlers:
             assert fresh is not None
             order, gone = domain.cancel_lines(fresh.order, chosen)
             order = domain.settle(order, datetime.now(UTC))
-            await storage.save_order(conn, order)
+            # A routing pass tidies up after the cancel: holds an interrupted
+            # pass left behind are released, a pending first routing settles.
+            await storage.save_order(
+                conn, order, work_due=fresh.order.status is OrderStatus.ROUTING
+            )
             out = convert.order_out(order, fresh.plan, await storage.load_returns(conn, order_id))
             event = events_pb2.OrderCancelled(
                 order=out,
