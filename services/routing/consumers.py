@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from omni.common.v1 import event_pb2
@@ -24,14 +23,9 @@ from omnistock.messaging.consumer import EventConsumer
 from omnistock.service import ServiceContext, consumer
 from services.routing import convert, domain
 from services.routing.domain import Quantity
-from services.routing.handlers import SCHEMA, RoutingHandlers
+from services.routing.handlers import SCHEMA, RoutingHandlers, new_ids
 
 log = get_logger(__name__)
-
-
-def _new_ids() -> Any:
-    while True:
-        yield str(uuid.uuid4())
 
 
 def _goods(event: Any) -> list[Quantity]:
@@ -77,7 +71,7 @@ def fulfilment_consumer(context: ServiceContext, handlers: RoutingHandlers) -> E
         await handlers.apply_fact(
             conn,
             event.order_id,
-            lambda o: domain.record_failure(o, event.location_id, None, _new_ids()),
+            lambda o: domain.record_failure(o, event.location_id, None, new_ids()),
             cause="FULFILMENT_REJECTED",
         )
 
@@ -87,7 +81,7 @@ def fulfilment_consumer(context: ServiceContext, handlers: RoutingHandlers) -> E
         await handlers.apply_fact(
             conn,
             event.order_id,
-            lambda o: domain.record_failure(o, event.location_id, None, _new_ids()),
+            lambda o: domain.record_failure(o, event.location_id, None, new_ids()),
             cause="FULFILMENT_CANCELLED",
         )
 
@@ -96,7 +90,7 @@ def fulfilment_consumer(context: ServiceContext, handlers: RoutingHandlers) -> E
         await handlers.apply_fact(
             conn,
             event.order_id,
-            lambda o: domain.record_failure(o, event.location_id, missing, _new_ids()),
+            lambda o: domain.record_failure(o, event.location_id, missing, new_ids()),
             cause="SHORT_PICK",
         )
 
@@ -111,7 +105,7 @@ def fulfilment_consumer(context: ServiceContext, handlers: RoutingHandlers) -> E
         await handlers.apply_fact(
             conn,
             event.order_id,
-            lambda o: domain.record_failure(o, event.location_id, None, _new_ids()),
+            lambda o: domain.record_failure(o, event.location_id, None, new_ids()),
             cause="TASK_EXPIRED",
         )
 
@@ -148,7 +142,7 @@ def reservation_consumer(context: ServiceContext, handlers: RoutingHandlers) -> 
 
         def change(order: domain.Order) -> domain.Order:
             changed, _ = domain.record_hold_short(
-                order, reservation.reservation_id, lines, _new_ids()
+                order, reservation.reservation_id, lines, new_ids()
             )
             return changed
 

@@ -8,7 +8,7 @@ what happens to a returned item.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
@@ -53,15 +53,9 @@ class AllocationStatus(Enum):
     EXPIRED = "expired"
 
 
-# Allocations that still answer for their units: open work or done work.
-LIVE = frozenset(
-    {
-        AllocationStatus.HELD,
-        AllocationStatus.SHIPPED,
-        AllocationStatus.COLLECTED,
-        AllocationStatus.EXPIRED,
-    }
-)
+# Allocations that still answer for their units: open work or done work. (An
+# expired pickup's units are counted as cancelled on their line instead.)
+LIVE = frozenset({AllocationStatus.HELD, AllocationStatus.SHIPPED, AllocationStatus.COLLECTED})
 
 
 class ItemCondition(Enum):
@@ -350,7 +344,7 @@ def open_units(order: Order, line_number: int) -> int:
 
 def cancellable_units(order: Order, line_number: int) -> int:
     """Units of a line that have not left their source yet."""
-    held = sum(a.quantity for a in order.held() if a.line_number == line_number)
+    held = sum(a.quantity - a.fulfilled for a in order.held() if a.line_number == line_number)
     return held + open_units(order, line_number)
 
 
@@ -458,14 +452,60 @@ def record_collected(order: Order, pickup_location_id: str, goods: Sequence[Quan
 
 
 def record_pickup_expired(order: Order, pickup_location_id: str) -> Order:
-    """The customer did not come: the pickup's allocations end; nothing is rerouted."""
+    """The customer did not come: the pickup's allocations end, their units count
+    as cancelled on their lines; nothing is rerouted."""
     changed = {
         a.allocation_id: replace(a, status=AllocationStatus.EXPIRED)
         for a in order.allocations
         if a.pickup_location_id == pickup_location_id
         and a.status in (AllocationStatus.HELD, AllocationStatus.SHIPPED)
     }
-    return _replace_allocations(order, changed)
+    gone: dict[int, int] = {}
+    for a in changed.values():
+        gone[a.line_number] = gone.get(a.line_number, 0) + a.quantity
+    return _add_to_lines(_replace_allocations(order, changed), gone, "cancelled")
+
+
+def _end_open_part(
+    a: Allocation, units: int, status: AllocationStatus, ids: Iterator[str]
+) -> tuple[Allocation, Allocation | None]:
+    """End ``units`` of an allocation's open (not yet fulfilled) units with ``status``.
+
+    The allocation keeps the rest; the ended part becomes an allocation of its
+    own on the same reservation line. One whose units are all gone or done
+    ends whole (SHIPPED once what is left was shipped).
+    """
+    units = min(units, a.quantity - a.fulfilled)
+    if units == a.quantity:
+        return replace(a, status=status), None
+    kept = replace(a, quantity=a.quantity - units)
+    if kept.fulfilled >= kept.quantity:
+        kept = replace(kept, status=AllocationStatus.SHIPPED)
+    ended = replace(a, allocation_id=next(ids), quantity=units, fulfilled=0, status=status)
+    return kept, ended
+
+
+def _fail(
+    order: Order, failures: Sequence[tuple[Allocation, int]], new_ids: Iterable[str]
+) -> Order:
+    """Fail units of allocations; their sources are excluded from now on."""
+    ids = iter(new_ids)
+    changed: dict[str, Allocation] = {}
+    added: list[Allocation] = []
+    failed = list(order.failed)
+    for a, units in failures:
+        current = changed.get(a.allocation_id, a)
+        if units <= 0 or current.status is not AllocationStatus.HELD:
+            continue
+        kept, ended = _end_open_part(current, units, AllocationStatus.FAILED, ids)
+        changed[a.allocation_id] = kept
+        if ended is not None:
+            added.append(ended)
+        if a.location_id not in failed:
+            failed.append(a.location_id)
+    if not changed:
+        return order
+    return replace(_replace_allocations(order, changed, added), failed=tuple(failed))
 
 
 def record_failure(
@@ -477,69 +517,63 @@ def record_failure(
     """A source failed: all its open work (``shortfall`` None) or those units of it.
 
     The failed units become open need again and the source is excluded from now
-    on. A short pick splits an allocation: the picked part stays HELD, the
-    missing part is kept as a FAILED allocation on the same reservation line.
+    on. Units already shipped stay shipped. A short pick splits an allocation:
+    the picked part stays HELD, the missing part is kept as a FAILED
+    allocation on the same reservation line.
     """
-    ids = iter(new_ids)
-    changed: dict[str, Allocation] = {}
-    added: list[Allocation] = []
     mine = [a for a in order.held() if a.location_id == location_id]
     if shortfall is None:
-        changed = {a.allocation_id: replace(a, status=AllocationStatus.FAILED) for a in mine}
-    else:
-        for item in shortfall:
-            left = item.quantity
-            for a in mine:
-                if left == 0 or a.sku != item.sku:
-                    continue
-                current = changed.get(a.allocation_id, a)
-                missing = min(left, current.quantity - current.fulfilled)
-                if missing <= 0:
-                    continue
+        return _fail(order, [(a, a.quantity - a.fulfilled) for a in mine], new_ids)
+    failures: list[tuple[Allocation, int]] = []
+    for item in shortfall:
+        left = item.quantity
+        for a in mine:
+            if left == 0 or a.sku != item.sku:
+                continue
+            missing = min(left, a.quantity - a.fulfilled)
+            if missing > 0:
+                failures.append((a, missing))
                 left -= missing
-                if missing == current.quantity:
-                    changed[a.allocation_id] = replace(current, status=AllocationStatus.FAILED)
-                    continue
-                changed[a.allocation_id] = replace(current, quantity=current.quantity - missing)
-                added.append(
-                    replace(
-                        a, allocation_id=next(ids), quantity=missing, status=AllocationStatus.FAILED
-                    )
-                )
-    if not changed and not added:
-        return order
-    failed = order.failed if location_id in order.failed else (*order.failed, location_id)
-    return replace(_replace_allocations(order, changed, added), failed=failed)
+    return _fail(order, failures, new_ids)
 
 
 def record_hold_short(
     order: Order, reservation_id: str, lines: Iterable[int], new_ids: Iterable[str]
 ) -> tuple[Order, list[str]]:
-    """Reservation lines fell short: their allocations fail at their sources."""
+    """Reservation lines fell short: exactly their allocations fail at their sources."""
     numbers = set(lines)
     hit = [
         a
         for a in order.held()
         if a.reservation_id == reservation_id and a.reservation_line in numbers
     ]
-    sources: list[str] = []
-    for a in hit:
-        order = record_failure(
-            order, a.location_id, [Quantity(a.sku, a.quantity - a.fulfilled)], new_ids
-        )
-        if a.location_id not in sources:
-            sources.append(a.location_id)
-    return order, sources
+    sources = list(dict.fromkeys(a.location_id for a in hit))
+    return _fail(order, [(a, a.quantity - a.fulfilled) for a in hit], new_ids), sources
 
 
-def cancel_lines(order: Order, line_numbers: Sequence[int]) -> tuple[Order, list[Allocation]]:
-    """Cancel what has not left its source on ``line_numbers``; the allocations cancelled."""
+def cancel_lines(
+    order: Order, line_numbers: Sequence[int], new_ids: Iterable[str]
+) -> tuple[Order, list[Allocation]]:
+    """Cancel what has not left its source on ``line_numbers``; the allocations cancelled.
+
+    Units already shipped stay shipped; only the open part of an allocation ends.
+    """
+    ids = iter(new_ids)
     chosen = set(line_numbers)
-    cancelled = [a for a in order.held() if a.line_number in chosen]
     amounts = {n: cancellable_units(order, n) for n in chosen}
-    changed = {a.allocation_id: replace(a, status=AllocationStatus.CANCELLED) for a in cancelled}
-    order = _replace_allocations(order, changed)
-    return _add_to_lines(order, amounts, "cancelled"), [changed[a.allocation_id] for a in cancelled]
+    changed: dict[str, Allocation] = {}
+    added: list[Allocation] = []
+    cancelled: list[Allocation] = []
+    for a in order.held():
+        if a.line_number not in chosen or a.quantity == a.fulfilled:
+            continue
+        kept, ended = _end_open_part(a, a.quantity - a.fulfilled, AllocationStatus.CANCELLED, ids)
+        changed[a.allocation_id] = kept
+        if ended is not None:
+            added.append(ended)
+        cancelled.append(ended or kept)
+    order = _replace_allocations(order, changed, added)
+    return _add_to_lines(order, amounts, "cancelled"), cancelled
 
 
 # -- returns ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -737,7 +737,7 @@ class RoutingHandlers:
             stored = await storage.load_order(conn, order_id)
         assert stored is not None
         chosen = domain.check_cancel(stored.order, line_numbers, reason_code)
-        _, cancelled = domain.cancel_lines(stored.order, chosen)
+        _, cancelled = domain.cancel_lines(stored.order, chosen, new_ids())
         by_hold: dict[str, list[int]] = {}
         for a in cancelled:
             by_hold.setdefault(a.reservation_id, []).append(a.reservation_line)
@@ -749,7 +749,7 @@ class RoutingHandlers:
         async def keep(conn: Connection) -> pb.Order:
             fresh = await storage.load_order(conn, order_id, lock=True)
             assert fresh is not None
-            order, gone = domain.cancel_lines(fresh.order, chosen)
+            order, gone = domain.cancel_lines(fresh.order, chosen, new_ids())
             order = domain.settle(order, datetime.now(UTC))
             # A routing pass tidies up after the cancel: holds an interrupted
             # pass left behind are released, a pending first routing settles.
@@ -945,6 +945,12 @@ def _stray_lines(order: Order) -> bool:
         for a in order.allocations
         if a.status in (AllocationStatus.FAILED, AllocationStatus.EXPIRED)
     )
+
+
+def new_ids() -> Iterator[str]:
+    """Fresh allocation ids, as many as a change needs."""
+    while True:
+        yield str(uuid.uuid4())
 
 
 def _wanted(shipments: Sequence[planner.Shipment]) -> dict[tuple[str, str], int]:
