@@ -283,7 +283,9 @@ class RoutingHandlers:
             raise domain.not_found(order_id)
         order = stored.order
         first = order.plan_number == 0
-        await self._release_orphans(order)
+        if availability is None:
+            # Not a fresh order: an interrupted pass may have left holds behind.
+            await self._release_orphans(order)
         full: set[str] = set()
         while True:
             needs = domain.open_needs(order)
@@ -549,9 +551,8 @@ class RoutingHandlers:
         plan_bytes = None
         events: list[OutgoingEvent] = []
         if planned is not None:
-            _, rules = await self.catalog.load(conn)
+            locations, rules = await self.catalog.load(conn)
             sources = {a.location_id for a in planned.allocations}
-            locations, _ = await self.catalog.load(conn)
             limited = {
                 s: locations[s].daily_capacity for s in sources if locations[s].daily_capacity
             }
