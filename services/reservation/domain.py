@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import cached_property
 
 from omnistock.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from omnistock.validation import check_id, check_reason
@@ -168,6 +169,11 @@ class ChannelRules:
     safety_stock: int = 0
     low_stock_threshold: int = 0
 
+    @cached_property
+    def location_set(self) -> frozenset[str]:
+        """The locations as a set: membership is asked per location and figure."""
+        return frozenset(self.location_ids)
+
 
 @dataclass
 class StockRow:
@@ -232,7 +238,7 @@ class Rules:
         rules = self.channels.get(channel)
         return (
             rules is not None
-            and location_id in rules.location_ids
+            and location_id in rules.location_set
             and location_id not in self.closed_locations
         )
 
@@ -261,10 +267,11 @@ class Rules:
         self, sku: str, channel: str, rows: Mapping[StockKey, StockRow], version: int
     ) -> Figure:
         """ATP of ``sku`` summed over the open locations ``channel`` sells from."""
+        # A location without a stock row adds nothing to any of the sums.
         figures = [
-            self.figure(rows.get((sku, loc), StockRow(sku, loc)), channel, version)
+            self.figure(row, channel, version)
             for loc in self.channel(channel).location_ids
-            if self.sells_from(channel, loc)
+            if (row := rows.get((sku, loc))) is not None and loc not in self.closed_locations
         ]
         available = sum(f.available for f in figures)
         return Figure(

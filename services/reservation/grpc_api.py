@@ -81,6 +81,7 @@ class ReservationServicer(pb_grpc.ReservationServiceServicer):
             list(request.skus),
             list(request.location_ids),
             request.include_locations,
+            request.available_only,
         )
         response = pb.GetAvailabilityResponse(availability=[_sku_out(f) for f in found])
         response.as_of.GetCurrentTime()

@@ -369,13 +369,16 @@ class ReservationHandlers:
         skus: Sequence[str],
         location_ids: Sequence[str],
         include_locations: bool,
+        available_only: bool = False,
     ) -> list[SkuFigures]:
         """ATP for ``channel``: the network figure per SKU, and per location when asked."""
         check_availability_request(channel, skus, location_ids)
         async with self.pool.acquire() as conn:
             rules = await self._rules.get(conn)
             versions, rows = await storage.snapshot(conn, skus)
-        return figures_for(rules, versions, rows, channel, skus, location_ids, include_locations)
+        return figures_for(
+            rules, versions, rows, channel, skus, location_ids, include_locations, available_only
+        )
 
     async def rules(self) -> domain.Rules:
         """The rules as they are now."""
@@ -899,6 +902,7 @@ def figures_for(
     skus: Sequence[str],
     location_ids: Sequence[str],
     include_locations: bool,
+    available_only: bool = False,
 ) -> list[SkuFigures]:
     """The figures of ``skus`` for ``channel`` from one consistent read."""
     channel_rules = rules.channel(channel)
@@ -920,13 +924,36 @@ def figures_for(
             SkuFigures(
                 sku=sku,
                 network=rules.network_figure(sku, channel, rows, version),
-                locations=[
-                    rules.figure(rows.get((sku, loc), StockRow(sku, loc)), channel, version)
-                    for loc in chosen
-                ],
+                locations=_location_figures(
+                    rules, rows, sku, channel, version, chosen, available_only
+                ),
             )
         )
     return out
+
+
+def _location_figures(
+    rules: domain.Rules,
+    rows: dict[StockKey, StockRow],
+    sku: str,
+    channel: str,
+    version: int,
+    locations: Sequence[str],
+    available_only: bool,
+) -> list[domain.Figure]:
+    """Figures of ``sku`` at ``locations``; only those with units available if asked."""
+    figures = []
+    for loc in locations:
+        row = rows.get((sku, loc))
+        if row is None:
+            if available_only:
+                continue  # no stock row: nothing on hand, nothing available
+            row = StockRow(sku, loc)
+        figure = rules.figure(row, channel, version)
+        if available_only and figure.available <= 0:
+            continue
+        figures.append(figure)
+    return figures
 
 
 def check_availability_request(

@@ -7,6 +7,8 @@ A failed call becomes a domain error: stock that moved is :class:`StockMoved`
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +24,9 @@ from omnistock.errors import Aborted, FieldViolation, InvalidArgument
 from omnistock.grpc.errors import bad_request, error_info
 
 CALL_TIMEOUT_SECONDS = 5.0
+# Channel rules change rarely; they only label locations in a plan's reasons
+# (planning itself follows the availability answer), so a short cache does.
+RULES_CACHE_SECONDS = 5.0
 
 
 class StockMoved(Exception):
@@ -100,6 +105,8 @@ class ReservationClient:
         self._target = target
         self._channel: grpc.aio.Channel | None = None
         self._stub: res_grpc.ReservationServiceAsyncStub | None = None
+        self._channels: dict[str, frozenset[str]] = {}
+        self._rules_read_at = -math.inf
 
     @property
     def stub(self) -> res_grpc.ReservationServiceAsyncStub:
@@ -121,19 +128,37 @@ class ReservationClient:
         An unknown SKU or channel is the caller's mistake: INVALID_ARGUMENT
         naming the order's line.
         """
-        request = res_pb.GetAvailabilityRequest(channel=channel, skus=skus, include_locations=True)
+        request = res_pb.GetAvailabilityRequest(
+            channel=channel, skus=skus, include_locations=True, available_only=True
+        )
         try:
             response = await self.stub.GetAvailability(request, timeout=CALL_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as error:
             raise self._refused(error, skus) from error
         units: dict[tuple[str, str], int] = {}
-        sellable: set[str] = set()
         for sku in response.availability:
             for figure in sku.locations:
-                sellable.add(figure.location_id)
-                if figure.available > 0:
-                    units[(sku.sku, figure.location_id)] = figure.available
-        return Availability(units, frozenset(sellable))
+                units[(sku.sku, figure.location_id)] = figure.available
+        # Where the channel sells, for the plan's reasons; a location with units
+        # available is one it sells from whatever the cache says.
+        sellable = await self._channel_locations(channel)
+        return Availability(units, sellable | {loc for _, loc in units})
+
+    async def _channel_locations(self, channel: str) -> frozenset[str]:
+        """The locations ``channel`` sells from, cached for a few seconds."""
+        now = time.monotonic()
+        if channel not in self._channels or now - self._rules_read_at > RULES_CACHE_SECONDS:
+            try:
+                response = await self.stub.ListRules(
+                    res_pb.ListRulesRequest(), timeout=CALL_TIMEOUT_SECONDS
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() in _TRANSIENT:
+                    raise _unavailable("the reservation service", error) from error
+                raise
+            self._channels = {c.channel: frozenset(c.location_ids) for c in response.channels}
+            self._rules_read_at = now
+        return self._channels.get(channel, frozenset())
 
     def _refused(self, error: grpc.aio.AioRpcError, skus: Sequence[str]) -> Exception:
         if error.code() in _TRANSIENT:

@@ -367,7 +367,7 @@ class RoutingHandlers:
             network = planner.Network(
                 locations=locations,
                 available=units,
-                sellable=availability.sellable,
+                sellable=availability.sellable | {loc for _, loc in units},
                 capacity_left=await self._capacity_left(locations, rules, now, full),
                 failed=frozenset(order.failed),
             )
@@ -671,7 +671,7 @@ class RoutingHandlers:
         network = planner.Network(
             locations=locations,
             available=units,
-            sellable=availability.sellable,
+            sellable=availability.sellable | {loc for _, loc in units},
             capacity_left=await self._capacity_left(locations, rules, now, set()),
         )
         plan = self._plan(order, needs, network, rules, now)
