@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -77,6 +77,14 @@ class Planned:
     allocations: tuple[domain.Allocation, ...]
     new_hold: Hold | None
     replans: int
+    # What the plan was made with: the keeping transaction counts capacity by it.
+    locations: Mapping[str, planner.Location]
+    rules: planner.Rules
+
+
+# An order RouteOrder just kept, with the availability, locations and rules it
+# read while checking it: the first pass starts from them.
+Fresh = tuple[Order, Availability, Mapping[str, planner.Location], planner.Rules]
 
 
 class Catalog:
@@ -149,7 +157,7 @@ class RoutingHandlers:
         request_digest = digest(content)
         async with self.pool.acquire() as conn:
             answer = await storage.stored_answer(conn, IDEMPOTENCY_ROUTE, request.request_id)
-            locations, _ = await self.catalog.load(conn)
+            locations, rules = await self.catalog.load(conn)
         if answer is not None:
             return self._replay(answer, request_digest, request.request_id)
         domain.check_pickup_store(given, locations)
@@ -169,6 +177,9 @@ class RoutingHandlers:
                 for i, line in enumerate(given.lines, start=1)
             ),
             status=OrderStatus.ROUTING,
+            allow_split=given.allow_split,
+            deliver_by=given.deliver_by,
+            cart_reservation_id=given.cart_reservation_id,
         )
         token = uuid.uuid4()
 
@@ -184,7 +195,7 @@ class RoutingHandlers:
             order.order_id,
             token,
             answer=(request.request_id, request_digest),
-            availability=availability,
+            fresh=(order, availability, locations, rules),
         )
 
     async def _attended_pass(
@@ -193,13 +204,13 @@ class RoutingHandlers:
         token: uuid.UUID,
         *,
         answer: tuple[str, bytes],
-        availability: Availability | None = None,
+        fresh: Fresh | None = None,
     ) -> pb.Order:
         """A routing pass a caller waits for. If it fails, the lease goes at once
         so the caller's retry can take over; the work stays due, so the routing
         worker finishes it if no retry comes."""
         try:
-            return await self._route_pass(order_id, token, answer=answer, availability=availability)
+            return await self._route_pass(order_id, token, answer=answer, fresh=fresh)
         except BaseException:
             async with self.pool.acquire() as conn:
                 await storage.drop_lease(conn, order_id, token)
@@ -274,23 +285,33 @@ class RoutingHandlers:
         token: uuid.UUID,
         *,
         answer: tuple[str, bytes] | None = None,
-        availability: Availability | None = None,
+        fresh: Fresh | None = None,
     ) -> pb.Order:
-        """Plan and hold the order's open need, then keep the result (see module doc)."""
-        async with self.pool.acquire() as conn:
-            stored = await storage.load_order(conn, order_id)
-        if stored is None:
-            raise domain.not_found(order_id)
-        order = stored.order
-        first = order.plan_number == 0
-        if availability is None:
-            # Not a fresh order: an interrupted pass may have left holds behind.
+        """Plan and hold the order's open need, then keep the result (see module doc).
+
+        ``fresh`` is an order this call just kept, with what it read to check it.
+        """
+        availability: Availability | None = None
+        network: tuple[Mapping[str, planner.Location], planner.Rules] | None = None
+        if fresh is not None:
+            order, availability, fresh_locations, fresh_rules = fresh
+            network = (fresh_locations, fresh_rules)
+        else:
+            async with self.pool.acquire() as conn:
+                stored = await storage.load_order(conn, order_id)
+            if stored is None:
+                raise domain.not_found(order_id)
+            order = stored.order
+            # An interrupted pass may have left holds behind.
             await self._release_orphans(order)
+        first = order.plan_number == 0
         full: set[str] = set()
         while True:
             needs = domain.open_needs(order)
             planned = (
-                await self._plan_and_hold(order, needs, full, first=first, known=availability)
+                await self._plan_and_hold(
+                    order, needs, full, first=first, known=availability, network=network
+                )
                 if needs
                 else None
             )
@@ -349,9 +370,10 @@ class RoutingHandlers:
         *,
         first: bool,
         known: Availability | None = None,
+        network: tuple[Mapping[str, planner.Location], planner.Rules] | None = None,
     ) -> Planned:
         """Plan ``needs`` and hold the plan, planning again while stock moves."""
-        locations, rules = await self._network()
+        locations, rules = network or await self._network()
         skus = [n.sku for n in needs]
         replans = 0
         cart = await self._usable_cart(order) if first else None
@@ -364,18 +386,18 @@ class RoutingHandlers:
                 units[(line.sku, line.location_id)] = (
                     units.get((line.sku, line.location_id), 0) + line.held
                 )
-            network = planner.Network(
+            facts = planner.Network(
                 locations=locations,
                 available=units,
                 sellable=availability.sellable | {loc for _, loc in units},
                 capacity_left=await self._capacity_left(locations, rules, now, full),
                 failed=frozenset(order.failed),
             )
-            plan = self._plan(order, needs, network, rules, now)
+            plan = self._plan(order, needs, facts, rules, now)
             if not plan.shipments:
                 if cart is not None:
                     await self._release_hold(cart, "NOT_NEEDED")
-                return Planned(plan, (), None, replans)
+                return Planned(plan, (), None, replans, locations, rules)
             kept, residual = _split_cart(cart, _wanted(plan.shipments))
             try:
                 if cart is not None:
@@ -402,7 +424,9 @@ class RoutingHandlers:
                     cart = await self._usable_cart(order)
                 if replans > rules.max_replans:
                     # Give up on the lines that keep moving; hold the rest.
-                    return await self._hold_what_stays(order, plan, moved, rules, replans, now)
+                    return await self._hold_what_stays(
+                        order, plan, moved, locations, rules, replans
+                    )
                 continue
             converted = None
             if cart is not None and kept:
@@ -416,16 +440,16 @@ class RoutingHandlers:
                     replans += 1
                     continue
             allocations = _allocations(plan, order.plan_number + 1, new_hold, converted, kept)
-            return Planned(plan, allocations, new_hold, replans)
+            return Planned(plan, allocations, new_hold, replans, locations, rules)
 
     async def _hold_what_stays(
         self,
         order: Order,
         plan: planner.Plan,
         moved: StockMoved,
+        locations: Mapping[str, planner.Location],
         rules: planner.Rules,
         replans: int,
-        now: datetime,
     ) -> Planned:
         """After ``max_replans``: hold what did not move, report the rest unsourced."""
         short = set(moved.short)
@@ -469,10 +493,9 @@ class RoutingHandlers:
                         for n in domain.open_needs(order)
                     ),
                 )
-                return Planned(plan, (), None, replans)
-        return Planned(
-            plan, _allocations(plan, order.plan_number + 1, hold, None, {}), hold, replans
-        )
+                return Planned(plan, (), None, replans, locations, rules)
+        allocations = _allocations(plan, order.plan_number + 1, hold, None, {})
+        return Planned(plan, allocations, hold, replans, locations, rules)
 
     async def _usable_cart(self, order: Order) -> Hold | None:
         if not order.cart_reservation_id:
@@ -484,7 +507,7 @@ class RoutingHandlers:
 
     async def _capacity_left(
         self,
-        locations: dict[str, planner.Location],
+        locations: Mapping[str, planner.Location],
         rules: planner.Rules,
         now: datetime,
         full: set[str],
@@ -551,7 +574,7 @@ class RoutingHandlers:
         plan_bytes = None
         events: list[OutgoingEvent] = []
         if planned is not None:
-            locations, rules = await self.catalog.load(conn)
+            locations, rules = planned.locations, planned.rules
             sources = {a.location_id for a in planned.allocations}
             limited = {
                 s: locations[s].daily_capacity for s in sources if locations[s].daily_capacity
@@ -580,9 +603,9 @@ class RoutingHandlers:
             conn, order, plan=plan_bytes, work_due=bool(more_work), release_lease=True,
             reroute_cause=None,
         )  # fmt: skip
-        out = convert.order_out(
-            order, plan_bytes or stored.plan, await storage.load_returns(conn, order_id)
-        )
+        # Returns need delivered units, so a first routing has none to show.
+        returns = [] if first else await storage.load_returns(conn, order_id)
+        out = convert.order_out(order, plan_bytes or stored.plan, returns)
         if planned is not None:
             events += self._routing_events(out, first, stored.reroute_cause, planned)
         await outbox.append(conn, SCHEMA, PRODUCER, events)
