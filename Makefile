@@ -73,11 +73,12 @@ deploy-check: $(STAMP) ## Validate deploy/: Prometheus rules and their tests, co
 
 check: lint typecheck buf-lint deploy-check test ## Everything CI runs.
 
-bench: gen ## Benchmarks with same-run baselines: ledger PostMovements, JetStream fsync, Reserve and propagation, routing quality.
+bench: gen ## Benchmarks with same-run baselines: ledger PostMovements, JetStream fsync, Reserve and propagation, routing quality, RouteOrder latency.
 	$(PY) -m benchmarks.ledger_post_movements
 	$(PY) -m benchmarks.jetstream_sync
 	$(PY) -m benchmarks.reservation_reserve
 	$(PY) -m benchmarks.routing_quality
+	$(PY) -m benchmarks.routing_route_order
 
 audit: gen ## Prove that on-hand equals the sum of movements (needs OMNI_DATABASE_URL or a running `make run`).
 	$(BIN)/omni ledger audit
