@@ -267,22 +267,28 @@ class Rules:
         self, sku: str, channel: str, rows: Mapping[StockKey, StockRow], version: int
     ) -> Figure:
         """ATP of ``sku`` summed over the open locations ``channel`` sells from."""
-        # A location without a stock row adds nothing to any of the sums.
-        figures = [
-            self.figure(row, channel, version)
-            for loc in self.channel(channel).location_ids
-            if (row := rows.get((sku, loc))) is not None and loc not in self.closed_locations
-        ]
-        available = sum(f.available for f in figures)
+        on_hand = reserved = kept_back = available = 0
+        # Summed in place (no figure per location): this runs for every channel
+        # on every change of the SKU. A location without a stock row adds nothing.
+        for loc in self.channel(channel).location_ids:
+            row = rows.get((sku, loc))
+            if row is None or loc in self.closed_locations:
+                continue
+            free = max(0, row.on_hand - row.held)
+            units = max(0, free - self.safety(channel, loc))
+            on_hand += row.on_hand
+            reserved += row.held
+            # What safety stock actually keeps back: a store with nothing left
+            # keeps nothing back, so on_hand - reserved - safety_stock = available.
+            kept_back += free - units
+            available += units
         return Figure(
             sku=sku,
             location_id="",
             channel=channel,
-            on_hand=sum(f.on_hand for f in figures),
-            reserved=sum(f.reserved for f in figures),
-            # What safety stock actually keeps back: a store with nothing left
-            # keeps nothing back, so on_hand - reserved - safety_stock = available.
-            safety_stock=sum(min(f.safety_stock, max(0, f.on_hand - f.reserved)) for f in figures),
+            on_hand=on_hand,
+            reserved=reserved,
+            safety_stock=kept_back,
             available=available,
             low_stock=self.is_low(channel, available),
             version=version,

@@ -244,6 +244,10 @@ def plan_out(
         ],
         summary=plan.summary,
         replans=replans,
+        unlisted=[
+            pb.OutcomeCount(outcome=OUTCOMES_OUT[outcome], locations=count)
+            for outcome, count in plan.unlisted
+        ],
     )
     out.planned_at.CopyFrom(wire.timestamp_out(planned_at))
     if plan.estimated_at is not None:

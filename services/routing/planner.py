@@ -229,6 +229,8 @@ class Plan:
     summary: str
     rules_version: int
     exhaustive: bool = True
+    # Locations holding none of the order, counted per verdict.
+    unlisted: tuple[tuple[Outcome, int], ...] = ()
 
     @property
     def sources(self) -> list[str]:
@@ -520,6 +522,8 @@ class _Screen:
 
     candidates: list[Candidate] = field(default_factory=list)
     verdicts: dict[str, Verdict] = field(default_factory=dict)
+    # Locations holding none of the order, counted per verdict, not listed.
+    unlisted: dict[Outcome, int] = field(default_factory=dict)
 
     def reject(self, loc: Location, outcome: Outcome, distance: float, cost: int, why: str) -> None:
         self.verdicts[loc.location_id] = Verdict(
@@ -548,12 +552,27 @@ def _screen(
     *,
     transfer_to: str = "",
 ) -> _Screen:
-    """Check every location as a source for the needs, shipping to ``target``."""
+    """Check every location as a source for the needs, shipping to ``target``.
+
+    Locations holding none of the order are only counted (no stock, or not
+    sold by the channel): with hundreds of locations, the reasons worth
+    reading are those of the locations that could have given something.
+    """
     screen = _Screen()
     needs = problem.needs
+    wanted = {n.sku for n in needs}
+    stocked = {
+        loc for (sku, loc), units in network.available.items() if units > 0 and sku in wanted
+    }
     for loc_id in sorted(network.locations):
         loc = network.locations[loc_id]
         if loc_id == transfer_to:
+            continue
+        if loc_id not in stocked and loc_id not in network.failed:
+            outcome = (
+                Outcome.NO_STOCK if loc_id in network.sellable else Outcome.NOT_ALLOWED_FOR_CHANNEL
+            )
+            screen.unlisted[outcome] = screen.unlisted.get(outcome, 0) + 1
             continue
         distance = haversine_km(loc.position, target)
         if transfer_to:
@@ -873,6 +892,7 @@ def _finish(
         summary=_summary(problem, shipments, unsourced, total),
         rules_version=rules.version,
         exhaustive=exhaustive,
+        unlisted=tuple(sorted(screen.unlisted.items(), key=lambda kv: _OUTCOME_ORDER[kv[0]])),
     )
 
 

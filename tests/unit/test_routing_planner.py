@@ -448,8 +448,9 @@ def test_every_exclusion_gets_its_own_outcome() -> None:
         "s-ein": Outcome.NOT_CAPABLE,
         "s-maa": Outcome.TOO_FAR,
         "dc-gro": Outcome.TOO_LATE,
-        "s-utr-2": Outcome.NO_STOCK,
     }
+    # A location holding none of the order is counted, not listed.
+    assert result.unlisted == ((Outcome.NO_STOCK, 1),)
     # Rejected locations still say where they are and what they would cost:
     # Maastricht store 495 + 250 + round(143.686 * 2) = 1032.
     too_far = verdict(result, "s-maa")
@@ -1000,8 +1001,11 @@ def test_plans_never_overdraw_stock_and_source_exactly_what_they_can(
         # Everything from one source (the shelf or one transfer), or nothing.
         assert len(result.shipments) <= 1
     assert result.total_cost_cents == sum(s.cost_cents for s in result.shipments)
-    # One verdict per location; CHOSEN exactly for the sources.
-    assert sorted(v.location_id for v in result.verdicts) == sorted(net.locations)
+    # One verdict per location (those holding none of the order are counted);
+    # CHOSEN exactly for the sources.
+    listed = [v.location_id for v in result.verdicts]
+    assert len(listed) == len(set(listed))
+    assert len(listed) + sum(count for _, count in result.unlisted) == len(net.locations)
     chosen = {v.location_id for v in result.verdicts if v.outcome is Outcome.CHOSEN}
     assert chosen == set(result.sources)
     assert plan(problem, net, rules) == result

@@ -50,7 +50,7 @@ async def test_stock_taken_between_plan_and_hold_is_planned_again(
     (sku,) = world.skus
     await world.stock(sku, "utrecht", 1)
     await world.stock(sku, "amsterdam", 1)
-    await world.known_to_routing("amsterdam")
+    await world.known_to_routing()
     handlers = RoutingHandlers(
         pool,
         reservation_target=f"127.0.0.1:{reservation_service.grpc_port}",
@@ -105,7 +105,7 @@ async def test_bad_orders_are_refused_whole_and_nothing_is_held(world: World) ->
     )
     (sku,) = world.skus
     await world.stock(sku, "utrecht", 5)
-    await world.known_to_routing("tilburg")
+    await world.known_to_routing()
 
     for name, (request, field) in _bad(world, sku).items():
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -122,7 +122,7 @@ async def test_bad_orders_are_refused_whole_and_nothing_is_held(world: World) ->
 
 async def test_bad_rules_are_refused_and_good_ones_get_a_new_version(world: World) -> None:
     await world.build({"utrecht": ("store", UTRECHT)})
-    await world.known_to_routing("utrecht")
+    await world.known_to_routing()
     current = (await world.routing.GetRoutingRules(service_pb.GetRoutingRulesRequest())).rules
     bad = pb.RoutingRules()
     bad.CopyFrom(current)

@@ -43,7 +43,7 @@ async def test_a_rejection_reroutes_the_remainder_elsewhere(
     (sku,) = world.skus
     await world.stock(sku, "utrecht", 2)
     await world.stock(sku, "amsterdam", 2)
-    await world.known_to_routing("amsterdam")
+    await world.known_to_routing()
     order = await world.route([(sku, 2)], to=NIEUWEGEIN)
     assert held_allocations(order) == {(sku, world.id("utrecht")): 2}
 
@@ -79,7 +79,7 @@ async def test_a_short_pick_reroutes_only_the_shortfall(world: World, js: JetStr
     (sku,) = world.skus
     await world.stock(sku, "utrecht", 3)
     await world.stock(sku, "groningen", 5)
-    await world.known_to_routing("groningen")
+    await world.known_to_routing()
     order = await world.route([(sku, 3)], to=UTRECHT)
     assert held_allocations(order) == {(sku, world.id("utrecht")): 3}
 
@@ -108,7 +108,7 @@ async def test_when_every_source_fails_the_order_needs_attention(
     await world.build({"utrecht": ("store", UTRECHT)})
     (sku,) = world.skus
     await world.stock(sku, "utrecht", 1)
-    await world.known_to_routing("utrecht")
+    await world.known_to_routing()
     order = await world.route([(sku, 1)])
 
     await publish(
@@ -133,7 +133,7 @@ async def test_a_cancel_releases_the_holds(world: World) -> None:
     shirt, jeans = world.skus
     await world.stock(shirt, "utrecht", 2)
     await world.stock(jeans, "amsterdam", 2)
-    await world.known_to_routing("amsterdam")
+    await world.known_to_routing()
     order = await world.route([(shirt, 1), (jeans, 1)])
     assert len(await world.held_lines(order.order_id)) == 2
 
@@ -182,7 +182,7 @@ async def test_a_return_to_store_restocks_that_store_in_the_ledger(
     await world.stock(carried, "utrecht", 3)
     await world.stock(foreign, "utrecht", 3)
     await world.stock(carried, "rotterdam", 1)  # Rotterdam carries only the first SKU
-    await world.known_to_routing("tilburg")
+    await world.known_to_routing()
     order = await world.route([(carried, 2), (foreign, 1)], to=UTRECHT)
     await publish(
         js,
@@ -273,7 +273,7 @@ async def test_cart_holds_are_converted_not_held_twice(world: World) -> None:
     (sku,) = world.skus
     await world.stock(sku, "utrecht", 2)
     await world.stock(sku, "amsterdam", 5)
-    await world.known_to_routing("amsterdam")
+    await world.known_to_routing()
     cart = (
         await world.reservations.Reserve(
             reserve_request(
@@ -304,7 +304,7 @@ async def test_click_and_collect_without_stock_plans_a_transfer(world: World) ->
     (sku,) = world.skus
     await world.stock(sku, "tilburg", 10)
     await world.stock(sku, "nieuwegein", 1)
-    await world.known_to_routing("tilburg")
+    await world.known_to_routing()
 
     order = await world.route([(sku, 1)], pickup="utrecht")
 
@@ -324,7 +324,7 @@ async def test_store_capacity_full_sends_the_next_order_elsewhere(world: World) 
     (sku,) = world.skus
     await world.stock(sku, "utrecht", 5)
     await world.stock(sku, "den-haag", 5)
-    await world.known_to_routing("den-haag")
+    await world.known_to_routing()
 
     first = await world.route([(sku, 1)])
     second = await world.route([(sku, 1)])
@@ -338,7 +338,7 @@ async def test_store_capacity_full_sends_the_next_order_elsewhere(world: World) 
 async def test_nothing_in_stock_keeps_the_order_as_needing_attention(world: World) -> None:
     await world.build({"utrecht": ("store", UTRECHT)})
     (sku,) = world.skus
-    await world.known_to_routing("utrecht")
+    await world.known_to_routing()
 
     order = await world.route([(sku, 1)])
 
@@ -351,7 +351,7 @@ async def test_quote_holds_nothing(world: World, network: Network) -> None:
     await world.build({"utrecht": ("store", UTRECHT)})
     (sku,) = world.skus
     await world.stock(sku, "utrecht", 1)
-    await world.known_to_routing("utrecht")
+    await world.known_to_routing()
 
     quote = await world.routing.QuoteOrder(
         service_pb.QuoteOrderRequest(

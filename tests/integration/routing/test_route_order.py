@@ -33,7 +33,7 @@ async def test_a_routed_order_holds_exactly_the_planned_stock(world: World) -> N
         await world.stock(jacket, place, 5)
     await world.stock(scarf, "amsterdam", 3)
     await world.stock(scarf, "tilburg", 3)
-    await world.known_to_routing("tilburg")
+    await world.known_to_routing()
 
     order = await world.route([(jacket, 2), (scarf, 1)], to=NIEUWEGEIN)
 
@@ -65,7 +65,7 @@ async def test_nearest_store_ships_a_single_item(world: World) -> None:
     (sku,) = world.skus
     await world.stock(sku, "utrecht", 1)
     await world.stock(sku, "groningen", 1)
-    await world.known_to_routing("groningen")
+    await world.known_to_routing()
 
     order = await world.route([(sku, 1)], to=NIEUWEGEIN)
 
@@ -82,7 +82,7 @@ async def test_a_retry_replays_and_a_reused_order_id_is_refused(world: World) ->
     await world.build({"utrecht": ("store", UTRECHT)})
     (sku,) = world.skus
     await world.stock(sku, "utrecht", 3)
-    await world.known_to_routing("utrecht")
+    await world.known_to_routing()
     request = world.order([(sku, 1)])
 
     first = await world.routing.RouteOrder(request)
