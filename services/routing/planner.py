@@ -560,15 +560,16 @@ def _screen(
     """
     screen = _Screen()
     needs = problem.needs
-    wanted = {n.sku for n in needs}
-    stocked = {
-        loc for (sku, loc), units in network.available.items() if units > 0 and sku in wanted
-    }
     for loc_id in sorted(network.locations):
         loc = network.locations[loc_id]
         if loc_id == transfer_to:
             continue
-        if loc_id not in stocked and loc_id not in network.failed:
+        supply = {
+            i: min(n.quantity, units)
+            for i, n in enumerate(needs)
+            if (units := network.available.get((n.sku, loc_id), 0)) > 0
+        }
+        if not supply and loc_id not in network.failed:
             outcome = (
                 Outcome.NO_STOCK if loc_id in network.sellable else Outcome.NOT_ALLOWED_FOR_CHANNEL
             )
@@ -624,11 +625,6 @@ def _screen(
                 f"from {loc.name} the order would arrive {eta:%Y-%m-%d}, after the latest date",
             )  # fmt: skip
             continue
-        supply = {
-            i: min(n.quantity, network.available.get((n.sku, loc_id), 0))
-            for i, n in enumerate(needs)
-        }
-        supply = {i: q for i, q in supply.items() if q > 0}
         if not supply:
             screen.reject(loc, Outcome.NO_STOCK, distance, cost, f"{loc.name} has none of it")
             continue
