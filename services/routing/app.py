@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,25 @@ from services.routing.handlers import RoutingHandlers
 MIGRATIONS = MigrationSet("routing", Path(__file__).parent / "migrations")
 WORK_BATCH = 20
 GAUGE_INTERVAL_SECONDS = 30.0
+
+
+class ClientChannels:
+    """Closes the channels to the other services when the service stops."""
+
+    name = "routing-client-channels"
+
+    def __init__(self, handlers: RoutingHandlers) -> None:
+        self._handlers = handlers
+        self._stopped = asyncio.Event()
+
+    async def run(self) -> None:
+        """Wait for the stop, then close."""
+        await self._stopped.wait()
+        await self._handlers.close()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to close the channels and return."""
+        self._stopped.set()
 
 
 def _build(context: ServiceContext) -> tuple[Sequence[ServiceBinding], Sequence[Worker]]:
@@ -41,6 +61,7 @@ def _build(context: ServiceContext) -> tuple[Sequence[ServiceBinding], Sequence[
             batch_size=WORK_BATCH,
         ),
         Sweeper("routing-gauges", refresh_gauges, interval=GAUGE_INTERVAL_SECONDS, batch_size=1),
+        ClientChannels(handlers),
     ]
     return [grpc_api.binding(handlers)], workers
 

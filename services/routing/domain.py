@@ -9,7 +9,7 @@ what happens to a returned item.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
 
@@ -736,11 +736,3 @@ def record_return(order: Order, returned: Sequence[ReturnedLine]) -> Order:
 def not_found(order_id: str) -> NotFound:
     """The error for an unknown order."""
     return NotFound("ORDER_NOT_FOUND", f"No order {order_id!r}.", {"order_id": order_id})
-
-
-@dataclass
-class Work:
-    """What a routing pass must do to an order besides planning its open need."""
-
-    cause: str = ""
-    failed_now: list[str] = field(default_factory=list)
