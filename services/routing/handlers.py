@@ -614,7 +614,7 @@ class RoutingHandlers:
             await storage.store_answer(conn, IDEMPOTENCY_ROUTE, answer[0], answer[1], response)
         if first and planned is not None:
             outcome = (
-                "unsourced" if planned is None or not planned.plan.shipments
+                "unsourced" if not planned.plan.shipments
                 else "partial" if planned.plan.unsourced else "routed"
             )  # fmt: skip
             m.ROUTE_OUTCOMES.labels(outcome).inc()
