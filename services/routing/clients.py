@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import grpc
 
@@ -23,6 +24,7 @@ from omni.reservation.v1 import resources_pb2 as res_resources
 from omnistock.errors import Aborted, FieldViolation, InvalidArgument
 from omnistock.grpc.errors import bad_request, error_info
 
+S = TypeVar("S")
 CALL_TIMEOUT_SECONDS = 5.0
 # Channel rules change rarely; they only label locations in a plan's reasons
 # (planning itself follows the availability answer), so a short cache does.
@@ -98,29 +100,40 @@ _TRANSIENT = frozenset(
 )
 
 
-class ReservationClient:
-    """The reservation service, from routing's side."""
+class _Channel:
+    """A channel to another service, opened on first use (inside the running loop)."""
 
     def __init__(self, target: str) -> None:
         self._target = target
         self._channel: grpc.aio.Channel | None = None
-        self._stub: res_grpc.ReservationServiceAsyncStub | None = None
+        self._stub: object = None
+
+    def _stub_of(self, make: Callable[[grpc.aio.Channel], S]) -> S:
+        """The stub ``make`` builds on the open channel, built once per channel."""
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self._target)
+            self._stub = make(self._channel)
+        return cast(S, self._stub)
+
+    async def close(self) -> None:
+        """Close the channel; the next call opens a new one."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel, self._stub = None, None
+
+
+class ReservationClient(_Channel):
+    """The reservation service, from routing's side."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
         self._channels: dict[str, frozenset[str]] = {}
         self._rules_read_at = -math.inf
 
     @property
     def stub(self) -> res_grpc.ReservationServiceAsyncStub:
-        """The stub on a channel opened on first use (inside the running loop)."""
-        if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self._target)
-            self._stub = res_grpc.ReservationServiceStub(self._channel)
-        return self._stub
-
-    async def close(self) -> None:
-        """Close the channel."""
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel, self._stub = None, None
+        """The service's stub."""
+        return self._stub_of(res_grpc.ReservationServiceStub)
 
     async def availability(self, channel: str, skus: Sequence[str]) -> Availability:
         """ATP of ``skus`` at every location ``channel`` sells from.
@@ -283,27 +296,13 @@ class ReservationClient:
         return [_hold(r) for r in response.reservations]
 
 
-class LedgerClient:
+class LedgerClient(_Channel):
     """The stock ledger, from routing's side (what a store carries)."""
-
-    def __init__(self, target: str) -> None:
-        self._target = target
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: ledger_grpc.StockLedgerServiceAsyncStub | None = None
 
     @property
     def stub(self) -> ledger_grpc.StockLedgerServiceAsyncStub:
-        """The stub on a channel opened on first use."""
-        if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self._target)
-            self._stub = ledger_grpc.StockLedgerServiceStub(self._channel)
-        return self._stub
-
-    async def close(self) -> None:
-        """Close the channel."""
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel, self._stub = None, None
+        """The service's stub."""
+        return self._stub_of(ledger_grpc.StockLedgerServiceStub)
 
     async def carried(self, location_id: str, skus: Sequence[str]) -> set[str]:
         """The ones of ``skus`` the location has stocked (a sellable level exists, even zero)."""
