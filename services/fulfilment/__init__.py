@@ -1,0 +1,1 @@
+"""Fulfilment: the work each location does for routed orders."""
