@@ -7,11 +7,12 @@ from pathlib import Path
 from omnistock.bootstrap import prepare
 from omnistock.migrations import MigrationSet, runtime_migrations
 from omnistock.service import ServiceSpec
+from services.fulfilment.app import SPEC as FULFILMENT
 from services.ledger.app import SPEC as LEDGER
 from services.reservation.app import SPEC as RESERVATION
 from services.routing.app import SPEC as ROUTING
 
-SERVICES: list[ServiceSpec] = [LEDGER, RESERVATION, ROUTING]
+SERVICES: list[ServiceSpec] = [LEDGER, RESERVATION, ROUTING, FULFILMENT]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STREAMS_FILE = REPO_ROOT / "deploy" / "nats" / "streams.yaml"
 

@@ -87,6 +87,14 @@ class Settings(BaseSettings):
     # Routing: how often the routing worker looks for orders to (re)route (an
     # interrupted routing, units a source failed).
     routing_work_interval_seconds: float = 0.5
+    # Fulfilment: how long a location has to accept a task before it is routed
+    # elsewhere, how long a pickup waits for the customer, how often the
+    # sweepers look, and the key pickup codes are hashed with (set it in
+    # production; the default is for development only).
+    fulfilment_accept_within_seconds: float = 1800.0
+    fulfilment_pickup_window_days: float = 7.0
+    fulfilment_sweep_interval_seconds: float = 1.0
+    fulfilment_code_secret: str = "development-only-pickup-code-secret"
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 

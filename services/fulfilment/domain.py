@@ -18,6 +18,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import Enum
 
 from omnistock.errors import FailedPrecondition, FieldViolation, InvalidArgument, PermissionDenied
@@ -89,6 +90,12 @@ class Fulfilment:
     tracking_number: str = ""
     reason_code: str = ""
     pickup_code_hash: bytes = b""
+    plan_number: int = 1
+    # Until when the location may accept it; until when the customer may collect.
+    accept_by: datetime | None = None
+    collect_by: datetime | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
 
     @property
     def ended(self) -> bool:

@@ -10,16 +10,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 import grpc
 import pytest
 
 from omni.reservation.v1 import reservation_service_pb2_grpc as pb_grpc
+from omni.routing.v1 import routing_service_pb2_grpc as routing_grpc
 from omnistock.service import RunningService, start_service
 from omnistock.settings import Settings
 from services.reservation.app import SPEC as RESERVATION
+from services.routing.app import SPEC as ROUTING
 from tests.conftest import ReservationStub
+
+RoutingStub: TypeAlias = "routing_grpc.OrderRoutingServiceAsyncStub"
 
 T = TypeVar("T")
 
@@ -88,3 +92,39 @@ async def eventually(
                 return last
         await asyncio.sleep(0.05)
     raise AssertionError(f"condition not met within {within} s; last result: {last!r}")
+
+
+def routing_settings(
+    settings: Settings, ledger: RunningService, reservation: RunningService
+) -> Settings:
+    """Settings for a routing replica in the tests: a quick routing worker."""
+    return settings.model_copy(
+        update={
+            "ledger_target": f"127.0.0.1:{ledger.grpc_port}",
+            "reservation_target": f"127.0.0.1:{reservation.grpc_port}",
+            "routing_work_interval_seconds": 0.1,
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+async def routing_service(
+    settings: Settings, ledger_service: RunningService, reservation_service: RunningService
+) -> AsyncIterator[RunningService]:
+    """The routing service, running in-process on a free port."""
+    service = await start_service(
+        ROUTING,
+        routing_settings(settings, ledger_service, reservation_service),
+        grpc_port=0,
+        serve_metrics_endpoint=False,
+    )
+    yield service
+    await service.stop()
+
+
+@pytest.fixture(scope="session")
+async def routing(routing_service: RunningService) -> AsyncIterator[RoutingStub]:
+    """A typed stub of the routing service on a real channel."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{routing_service.grpc_port}") as channel:
+        stub: RoutingStub = routing_grpc.OrderRoutingServiceStub(channel)
+        yield stub

@@ -9,11 +9,8 @@ locations and reservation has projected the stock.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeAlias
 
-import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
@@ -26,16 +23,10 @@ from omni.reservation.v1 import reservation_service_pb2 as res_pb
 from omni.reservation.v1 import resources_pb2 as res
 from omni.routing.v1 import resources_pb2 as pb
 from omni.routing.v1 import routing_service_pb2 as service_pb
-from omni.routing.v1 import routing_service_pb2_grpc as pb_grpc
 from omnistock.db import Pool
 from omnistock.messaging.envelope import MSG_ID_HEADER, OutgoingEvent, wrap
-from omnistock.service import RunningService, start_service
-from omnistock.settings import Settings
-from services.routing.app import SPEC as ROUTING
 from tests.conftest import LedgerStub, Network, ReservationStub
-from tests.integration.conftest import eventually
-
-RoutingStub: TypeAlias = "pb_grpc.OrderRoutingServiceAsyncStub"
+from tests.integration.conftest import RoutingStub, eventually
 
 # Real places (latitude, longitude).
 UTRECHT = (52.0907, 5.1214)
@@ -45,42 +36,6 @@ DEN_HAAG = (52.0767, 4.2986)
 TILBURG = (51.5555, 5.0913)
 GRONINGEN = (53.2194, 6.5665)
 NIEUWEGEIN = (52.0292, 5.0806)  # a suburb of Utrecht
-
-
-def routing_settings(
-    settings: Settings, ledger: RunningService, reservation: RunningService
-) -> Settings:
-    """Settings for a routing replica in the tests: a quick routing worker."""
-    return settings.model_copy(
-        update={
-            "ledger_target": f"127.0.0.1:{ledger.grpc_port}",
-            "reservation_target": f"127.0.0.1:{reservation.grpc_port}",
-            "routing_work_interval_seconds": 0.1,
-        }
-    )
-
-
-@pytest.fixture(scope="session")
-async def routing_service(
-    settings: Settings, ledger_service: RunningService, reservation_service: RunningService
-) -> AsyncIterator[RunningService]:
-    """The routing service, running in-process on a free port."""
-    service = await start_service(
-        ROUTING,
-        routing_settings(settings, ledger_service, reservation_service),
-        grpc_port=0,
-        serve_metrics_endpoint=False,
-    )
-    yield service
-    await service.stop()
-
-
-@pytest.fixture(scope="session")
-async def routing(routing_service: RunningService) -> AsyncIterator[RoutingStub]:
-    """A typed stub of the routing service on a real channel."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{routing_service.grpc_port}") as channel:
-        stub: RoutingStub = pb_grpc.OrderRoutingServiceStub(channel)
-        yield stub
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,130 @@
+"""Routed orders become work at their locations; each step goes through the whole loop."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+
+from omni.fulfilment.v1 import fulfilment_service_pb2 as pb
+from omni.fulfilment.v1 import resources_pb2 as res
+from omni.routing.v1 import resources_pb2 as routing_pb
+from tests.integration.conftest import eventually
+from tests.integration.fulfilment.conftest import FulfilmentStub
+from tests.integration.helpers import failure
+from tests.integration.routing.conftest import AMSTERDAM, NIEUWEGEIN, UTRECHT, World
+
+
+async def queue(fulfilment: FulfilmentStub, location_id: str) -> list[res.Fulfilment]:
+    found = await fulfilment.ListFulfilments(pb.ListFulfilmentsRequest(location_id=location_id))
+    return list(found.fulfilments)
+
+
+def rid() -> str:
+    return f"step-{uuid.uuid4().hex[:12]}"
+
+
+async def test_a_routed_order_appears_in_the_store_queue_and_a_rejection_moves_it(
+    world: World, fulfilment: FulfilmentStub
+) -> None:
+    await world.build({"utrecht": ("store", UTRECHT), "amsterdam": ("store", AMSTERDAM)})
+    (sku,) = world.skus
+    await world.stock(sku, "utrecht", 2)
+    await world.stock(sku, "amsterdam", 2)
+    await world.known_to_routing()
+    order = await world.route([(sku, 2)], to=NIEUWEGEIN)
+
+    (task,) = await eventually(
+        lambda: queue(fulfilment, world.id("utrecht")), lambda q: len(q) == 1
+    )
+    assert (task.order_id, task.type, task.status) == (
+        order.order_id,
+        res.FULFILMENT_TYPE_SHIP_FROM_STORE,
+        res.FULFILMENT_STATUS_CREATED,
+    )
+    assert [(i.sku, i.quantity) for i in task.items] == [(sku, 2)]
+
+    accepted = await fulfilment.AcceptFulfilment(
+        pb.AcceptFulfilmentRequest(request_id=rid(), fulfilment_id=task.fulfilment_id)
+    )
+    assert accepted.fulfilment.status == res.FULFILMENT_STATUS_ACCEPTED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fulfilment.ShipFulfilment(
+            pb.ShipFulfilmentRequest(
+                request_id=rid(), fulfilment_id=task.fulfilment_id, carrier="postnl",
+                tracking_number="3S1",
+            )
+        )  # fmt: skip
+    seen = failure(caught.value)
+    assert seen.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "accepted" in seen.message
+
+    await fulfilment.RejectFulfilment(
+        pb.RejectFulfilmentRequest(
+            request_id=rid(), fulfilment_id=task.fulfilment_id, reason_code="NO_STAFF"
+        )
+    )
+
+    (moved,) = await eventually(
+        lambda: queue(fulfilment, world.id("amsterdam")), lambda q: len(q) == 1
+    )
+    assert moved.order_id == order.order_id
+    rerouted = await world.get(order.order_id)
+    assert list(rerouted.failed_location_ids) == [world.id("utrecht")]
+    assert await world.held_lines(order.order_id) == {(sku, world.id("amsterdam")): 2}
+
+
+async def test_ship_from_store_end_to_end_and_a_pickup_needs_its_code(
+    world: World, fulfilment: FulfilmentStub
+) -> None:
+    await world.build({"utrecht": ("store", UTRECHT)}, skus=2)
+    shipped_sku, collected_sku = world.skus
+    await world.stock(shipped_sku, "utrecht", 3)
+    await world.stock(collected_sku, "utrecht", 1)
+    await world.known_to_routing()
+    home = await world.route([(shipped_sku, 1)], to=NIEUWEGEIN)
+    pickup = await world.route([(collected_sku, 1)], pickup="utrecht")
+
+    tasks = await eventually(lambda: queue(fulfilment, world.id("utrecht")), lambda q: len(q) == 2)
+    by_order = {t.order_id: t for t in tasks}
+    ship_task, pickup_task = by_order[home.order_id], by_order[pickup.order_id]
+    assert pickup_task.type == res.FULFILMENT_TYPE_PICKUP_AT_STORE
+
+    for call in ("AcceptFulfilment", "ConfirmPick", "PackFulfilment", "ShipFulfilment"):
+        request = {
+            "AcceptFulfilment": pb.AcceptFulfilmentRequest,
+            "ConfirmPick": pb.ConfirmPickRequest,
+            "PackFulfilment": pb.PackFulfilmentRequest,
+            "ShipFulfilment": pb.ShipFulfilmentRequest,
+        }[call](request_id=rid(), fulfilment_id=ship_task.fulfilment_id)
+        if call == "ConfirmPick":
+            request.lines.add(sku=shipped_sku, picked_quantity=1)
+        if call == "ShipFulfilment":
+            request.carrier, request.tracking_number = "postnl", "3SXYZ"
+        await getattr(fulfilment, call)(request)
+    await eventually(
+        lambda: world.get(home.order_id), lambda o: o.status == routing_pb.ORDER_STATUS_FULFILLED
+    )
+
+    await fulfilment.AcceptFulfilment(
+        pb.AcceptFulfilmentRequest(request_id=rid(), fulfilment_id=pickup_task.fulfilment_id)
+    )
+    pick = pb.ConfirmPickRequest(request_id=rid(), fulfilment_id=pickup_task.fulfilment_id)
+    pick.lines.add(sku=collected_sku, picked_quantity=1)
+    await fulfilment.ConfirmPick(pick)
+    ready = await fulfilment.MarkReadyForPickup(
+        pb.MarkReadyForPickupRequest(request_id=rid(), fulfilment_id=pickup_task.fulfilment_id)
+    )
+    assert ready.fulfilment.status == res.FULFILMENT_STATUS_READY_FOR_PICKUP
+    with pytest.raises(grpc.aio.AioRpcError) as wrong:
+        await fulfilment.CollectFulfilment(
+            pb.CollectFulfilmentRequest(
+                request_id=rid(), fulfilment_id=pickup_task.fulfilment_id, pickup_code="000000x"
+            )
+        )
+    assert failure(wrong.value).code == grpc.StatusCode.PERMISSION_DENIED
+    still = await fulfilment.GetFulfilment(
+        pb.GetFulfilmentRequest(fulfilment_id=pickup_task.fulfilment_id)
+    )
+    assert still.fulfilment.status == res.FULFILMENT_STATUS_READY_FOR_PICKUP
