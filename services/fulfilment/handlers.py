@@ -281,6 +281,10 @@ class FulfilmentHandlers:
                 lines=convert.lines(domain.picked_items(done)),
                 carrier=carrier,
                 tracking_number=tracking_number,
+                type=convert.KINDS_OUT[done.kind],
+                destination_location_id=done.pickup_location_id
+                if done.kind is domain.Kind.TRANSFER_TO_STORE
+                else "",
             )
             shipped.shipped_at.GetCurrentTime()
             return done, [event("shipped", shipped, done)]

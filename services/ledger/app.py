@@ -9,7 +9,7 @@ from omnistock.grpc.server import ServiceBinding
 from omnistock.migrations import MigrationSet
 from omnistock.service import ServiceContext, ServiceSpec, Worker
 from services.ledger import grpc_api
-from services.ledger.consumers import returns_consumer
+from services.ledger.consumers import fulfilment_consumer, returns_consumer
 from services.ledger.handlers import LedgerHandlers
 
 MIGRATIONS = MigrationSet("ledger", Path(__file__).parent / "migrations")
@@ -17,7 +17,8 @@ MIGRATIONS = MigrationSet("ledger", Path(__file__).parent / "migrations")
 
 def _build(context: ServiceContext) -> tuple[Sequence[ServiceBinding], Sequence[Worker]]:
     handlers = LedgerHandlers(context.pool)
-    return [grpc_api.binding(handlers)], [returns_consumer(context, handlers)]
+    workers = [returns_consumer(context, handlers), fulfilment_consumer(context, handlers)]
+    return [grpc_api.binding(handlers)], workers
 
 
 SPEC = ServiceSpec(name="ledger", migrations=MIGRATIONS, build=_build)

@@ -885,3 +885,49 @@ def validate_skus(skus: Sequence[Sku]) -> None:
             problems.append(FieldViolation(f"{path}.barcode", "must be 8 to 14 digits"))
     if problems:
         raise InvalidArgument(problems, reason="INVALID_SKUS")
+
+
+# -- fulfilment ----------------------------------------------------------------------
+
+FULFILMENT_DEVICE_PREFIX = "fulfilment:"
+# Each fact of a fulfilment numbers its movements from its own block, so the
+# facts of one fulfilment never share a key.
+_FULFILMENT_SEQUENCE_BLOCKS = {"shipped": 0, "received": 1000, "collected": 2000}
+
+
+@dataclass(frozen=True)
+class FulfilmentFact:
+    """Goods that moved for a fulfilment: shipped, received by transfer, or collected."""
+
+    fact: str  # "shipped", "received" or "collected"
+    fulfilment_id: str
+    order_id: str
+    location_id: str  # where the movement is posted
+    lines: tuple[tuple[str, int], ...]  # (sku, units)
+    transfer_to: str = ""  # shipped on a transfer to this pickup store
+    occurred_at: datetime | None = None
+
+
+def fulfilment_movements(fact: FulfilmentFact) -> list[PostMovement]:
+    """The movements of a fulfilment fact, keyed ``fulfilment:<id>`` per fact.
+
+    Shipped to a customer: a shipment (reference: the order). Shipped on a
+    transfer: a transfer out to the pickup store, the fulfilment id being the
+    transfer id. Received: the transfer in at the pickup store. Collected: a
+    shipment from the pickup store to the customer.
+    """
+    details: list[tuple[str, MovementDetail]] = []
+    for sku, units in fact.lines:
+        if fact.fact == "shipped" and fact.transfer_to:
+            details.append((sku, TransferOut(fact.fulfilment_id, fact.transfer_to, units)))
+        elif fact.fact == "received":
+            details.append((sku, TransferIn(fact.fulfilment_id, units)))
+        else:
+            details.append((sku, Shipment(units, fact.order_id)))
+    device = FULFILMENT_DEVICE_PREFIX + fact.fulfilment_id
+    first = _FULFILMENT_SEQUENCE_BLOCKS[fact.fact] + 1
+    return [
+        PostMovement(IdempotencyKey(device, sequence), sku, fact.location_id, detail,
+                     fact.occurred_at)
+        for sequence, (sku, detail) in enumerate(details, start=first)
+    ]  # fmt: skip

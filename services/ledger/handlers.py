@@ -90,6 +90,12 @@ class LedgerHandlers:
         """Post the movements of a return order routing routed, in one batch on ``conn``."""
         return await self.post_movements_in(conn, domain.return_movements(routed))
 
+    async def record_fulfilment(
+        self, conn: Connection, fact: domain.FulfilmentFact
+    ) -> list[domain.PostedMovement]:
+        """Post the movements of a fulfilment fact, in one batch on ``conn``."""
+        return await self.post_movements_in(conn, domain.fulfilment_movements(fact))
+
     async def _post(
         self, conn: Connection, movements: list[domain.PostMovement]
     ) -> list[domain.PostedMovement]:

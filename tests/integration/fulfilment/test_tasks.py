@@ -7,8 +7,10 @@ import uuid
 import grpc
 import pytest
 
+from omni.common.v1 import types_pb2
 from omni.fulfilment.v1 import fulfilment_service_pb2 as pb
 from omni.fulfilment.v1 import resources_pb2 as res
+from omni.ledger.v1 import ledger_service_pb2 as ledger_pb
 from omni.routing.v1 import resources_pb2 as routing_pb
 from tests.integration.conftest import eventually
 from tests.integration.fulfilment.conftest import FulfilmentStub
@@ -106,6 +108,22 @@ async def test_ship_from_store_end_to_end_and_a_pickup_needs_its_code(
     await eventually(
         lambda: world.get(home.order_id), lambda o: o.status == routing_pb.ORDER_STATUS_FULFILLED
     )
+
+    async def sellable_at_utrecht() -> int:
+        found = await world.ledger.GetStockLevels(
+            ledger_pb.GetStockLevelsRequest(
+                skus=[shipped_sku],
+                location_ids=[world.id("utrecht")],
+                states=[types_pb2.STOCK_STATE_SELLABLE],
+            )
+        )
+        return sum(level.on_hand for level in found.levels)
+
+    # The ledger posts the shipment: 3 received, 1 shipped.
+    await eventually(sellable_at_utrecht, lambda units: units == 2)
+    # And the reservation service consumed the hold instead of releasing it.
+    assert await world.held_lines(home.order_id) == {}
+    assert await world.available(shipped_sku, "utrecht") == 2
 
     await fulfilment.AcceptFulfilment(
         pb.AcceptFulfilmentRequest(request_id=rid(), fulfilment_id=pickup_task.fulfilment_id)
