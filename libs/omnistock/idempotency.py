@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from omnistock.db import Connection
+from omnistock.db import Connection, Pool, unit_of_work
 from omnistock.errors import AlreadyExists, DomainError, FieldViolation, InvalidArgument
 
 T = TypeVar("T")
@@ -44,6 +44,53 @@ def require_request_id(request_id: str) -> None:
         )
 
 
+async def stored_answer(
+    conn: Connection, *, schema: str, method: str, request_id: str
+) -> tuple[bytes, bytes] | None:
+    """The (request digest, answer) kept for ``request_id``, if it was answered."""
+    row = await conn.fetchrow(
+        f"SELECT request_hash, response FROM {schema}.idempotency_keys "
+        "WHERE method = $1 AND request_id = $2",
+        method,
+        request_id,
+    )
+    return (bytes(row["request_hash"]), bytes(row["response"])) if row else None
+
+
+async def store_answer(
+    conn: Connection,
+    *,
+    schema: str,
+    method: str,
+    request_id: str,
+    request_digest: bytes,
+    answer: bytes,
+) -> None:
+    """Keep the answer to ``request_id`` in the caller's transaction, with its effect.
+
+    A concurrent first attempt that stored one already makes this a unique
+    violation on IDEMPOTENCY_KEY_CONSTRAINT, which the unit of work retries.
+    """
+    await conn.execute(
+        f"INSERT INTO {schema}.idempotency_keys (method, request_id, request_hash, response) "
+        "VALUES ($1, $2, $3, $4)",
+        method,
+        request_id,
+        request_digest,
+        answer,
+    )
+
+
+def replayed(
+    stored: tuple[bytes, bytes], request_digest: bytes, method: str, request_id: str
+) -> bytes:
+    """A stored answer for a retry of the same request; a different request is refused."""
+    stored_digest, answer = stored
+    if stored_digest != request_digest:
+        raise reused(method, request_id)
+    return answer
+
+
 async def once(
     conn: Connection,
     *,
@@ -61,36 +108,51 @@ async def once(
     same id makes this one fail with a unique violation, which the unit of work
     retries; the retry then finds the stored answer.
     """
-    query = (
-        f"SELECT request_hash, response FROM {schema}.idempotency_keys "
-        "WHERE method = $1 AND request_id = $2"
-    )
-    row = await conn.fetchrow(query, method, request_id)
-    if row is not None:
-        if bytes(row["request_hash"]) != request_digest:
-            raise reused(method, request_id)
-        return decode(bytes(row["response"]))
+    key = {"schema": schema, "method": method, "request_id": request_id}
+    stored = await stored_answer(conn, **key)
+    if stored is not None:
+        return decode(replayed(stored, request_digest, method, request_id))
     try:
         response = await execute()
     except DomainError:
         # A concurrent first attempt may have committed while this one waited for
         # its locks, and changed what this one found (the reservation it released
         # is released now). Its answer is the answer to this retry.
-        row = await conn.fetchrow(query, method, request_id)
-        if row is None:
+        stored = await stored_answer(conn, **key)
+        if stored is None:
             raise
-        if bytes(row["request_hash"]) != request_digest:
-            raise reused(method, request_id) from None
-        return decode(bytes(row["response"]))
-    await conn.execute(
-        f"INSERT INTO {schema}.idempotency_keys (method, request_id, request_hash, response) "
-        "VALUES ($1, $2, $3, $4)",
-        method,
-        request_id,
-        request_digest,
-        encode(response),
-    )
+        return decode(replayed(stored, request_digest, method, request_id))
+    await store_answer(conn, **key, request_digest=request_digest, answer=encode(response))
     return response
+
+
+async def once_in_transaction(
+    pool: Pool,
+    *,
+    schema: str,
+    method: str,
+    request_id: str,
+    content: bytes,
+    execute: Callable[[Connection], Awaitable[T]],
+    encode: Callable[[T], bytes],
+    decode: Callable[[bytes], T],
+) -> T:
+    """:func:`once` in a transaction of its own, retried when a concurrent first
+    attempt with the same id wins (``content`` is the request's canonical content)."""
+
+    async def work(conn: Connection) -> T:
+        return await once(
+            conn,
+            schema=schema,
+            method=method,
+            request_id=request_id,
+            request_digest=digest(content),
+            execute=lambda: execute(conn),
+            encode=encode,
+            decode=decode,
+        )
+
+    return await unit_of_work(pool, work, retry_unique={IDEMPOTENCY_KEY_CONSTRAINT})
 
 
 def reused(method: str, request_id: str) -> AlreadyExists:

@@ -22,9 +22,7 @@ from omni.routing.v1 import resources_pb2 as routing_pb
 from omnistock.db import Connection, Pool, unit_of_work
 from omnistock.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from omnistock.idempotency import (
-    IDEMPOTENCY_KEY_CONSTRAINT,
-    digest,
-    once,
+    once_in_transaction,
     require_request_id,
 )
 from omnistock.messaging import outbox
@@ -182,28 +180,25 @@ class FulfilmentHandlers:
         require_request_id(request_id)
         _check_task_id(fulfilment_id)
 
-        async def work(conn: Connection) -> pb.Fulfilment:
-            async def execute() -> pb.Fulfilment:
-                found = await storage.load(conn, fulfilment_id, lock=True)
-                if found is None:
-                    raise _not_found(fulfilment_id)
-                changed, events = apply(found)
-                saved = await storage.save(conn, changed)
-                await outbox.append(conn, SCHEMA, PRODUCER, events)
-                return convert.fulfilment_out(saved)
+        async def execute(conn: Connection) -> pb.Fulfilment:
+            found = await storage.load(conn, fulfilment_id, lock=True)
+            if found is None:
+                raise _not_found(fulfilment_id)
+            changed, events = apply(found)
+            saved = await storage.save(conn, changed)
+            await outbox.append(conn, SCHEMA, PRODUCER, events)
+            return convert.fulfilment_out(saved)
 
-            return await once(
-                conn,
-                schema=SCHEMA,
-                method=method,
-                request_id=request_id,
-                request_digest=digest(content),
-                execute=execute,
-                encode=lambda out: out.SerializeToString(),
-                decode=pb.Fulfilment.FromString,
-            )
-
-        return await unit_of_work(self.pool, work, retry_unique={IDEMPOTENCY_KEY_CONSTRAINT})
+        return await once_in_transaction(
+            self.pool,
+            schema=SCHEMA,
+            method=method,
+            request_id=request_id,
+            content=content,
+            execute=execute,
+            encode=lambda out: out.SerializeToString(),
+            decode=pb.Fulfilment.FromString,
+        )
 
     def accept(self, f: Fulfilment) -> tuple[Fulfilment, list[OutgoingEvent]]:
         """The location takes the task."""

@@ -17,9 +17,7 @@ from typing import TypeVar
 from omnistock.db import Connection, Pool, unit_of_work
 from omnistock.errors import AlreadyExists, DomainError, FieldViolation, InvalidArgument
 from omnistock.idempotency import (
-    IDEMPOTENCY_KEY_CONSTRAINT,
-    digest,
-    once,
+    once_in_transaction,
     require_request_id,
 )
 from omnistock.messaging import outbox
@@ -184,23 +182,20 @@ class LedgerHandlers:
         # is kept: a retry with the same content is answered with that content.
         content = json.dumps([asdict(item) for item in items], sort_keys=True).encode()
 
-        async def work(conn: Connection) -> None:
-            async def execute() -> None:
-                await write(conn, items)
-                await outbox.append(conn, SCHEMA, PRODUCER, events)
+        async def execute(conn: Connection) -> None:
+            await write(conn, items)
+            await outbox.append(conn, SCHEMA, PRODUCER, events)
 
-            await once(
-                conn,
-                schema=SCHEMA,
-                method=method,
-                request_id=request_id,
-                request_digest=digest(content),
-                execute=execute,
-                encode=lambda _: b"",
-                decode=lambda _: None,
-            )
-
-        await unit_of_work(self.pool, work, retry_unique={IDEMPOTENCY_KEY_CONSTRAINT})
+        await once_in_transaction(
+            self.pool,
+            schema=SCHEMA,
+            method=method,
+            request_id=request_id,
+            content=content,
+            execute=execute,
+            encode=lambda _: b"",
+            decode=lambda _: None,
+        )
 
     # -- queries ----------------------------------------------------------
 

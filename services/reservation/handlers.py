@@ -35,7 +35,7 @@ from omnistock.group_commit import GroupCommitter
 from omnistock.idempotency import (
     IDEMPOTENCY_KEY_CONSTRAINT,
     digest,
-    once,
+    once_in_transaction,
     require_request_id,
     reused,
 )
@@ -703,20 +703,16 @@ class ReservationHandlers:
         decode: Callable[[bytes], T],
     ) -> T:
         """Run ``execute`` once per request id in one transaction; replay its answer after."""
-
-        async def work(conn: Connection) -> T:
-            return await once(
-                conn,
-                schema=SCHEMA,
-                method=method,
-                request_id=request_id,
-                request_digest=digest(content),
-                execute=lambda: execute(conn),
-                encode=encode,
-                decode=decode,
-            )
-
-        return await unit_of_work(self.pool, work, retry_unique={IDEMPOTENCY_KEY_CONSTRAINT})
+        return await once_in_transaction(
+            self.pool,
+            schema=SCHEMA,
+            method=method,
+            request_id=request_id,
+            content=content,
+            execute=execute,
+            encode=encode,
+            decode=decode,
+        )
 
     async def _once_reservation(
         self,

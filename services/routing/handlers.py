@@ -34,7 +34,15 @@ from omni.routing.v1 import resources_pb2 as pb
 from omni.routing.v1 import routing_service_pb2 as service_pb
 from omnistock.db import Connection, Pool, unit_of_work
 from omnistock.errors import Aborted, AlreadyExists, DomainError, FieldViolation, InvalidArgument
-from omnistock.idempotency import digest, require_request_id, reused
+from omnistock.idempotency import (
+    digest,
+    once_in_transaction,
+    replayed,
+    require_request_id,
+    reused,
+    store_answer,
+    stored_answer,
+)
 from omnistock.logs import get_logger
 from omnistock.messaging import outbox
 from omnistock.messaging.envelope import OutgoingEvent
@@ -156,7 +164,9 @@ class RoutingHandlers:
         content = request.SerializeToString(deterministic=True)
         request_digest = digest(content)
         async with self.pool.acquire() as conn:
-            answer = await storage.stored_answer(conn, IDEMPOTENCY_ROUTE, request.request_id)
+            answer = await stored_answer(
+                conn, schema=SCHEMA, method=IDEMPOTENCY_ROUTE, request_id=request.request_id
+            )
             locations, rules = await self.catalog.load(conn)
         if answer is not None:
             return self._replay(answer, request_digest, request.request_id)
@@ -219,9 +229,7 @@ class RoutingHandlers:
     def _replay(
         self, answer: tuple[bytes, bytes], request_digest: bytes, request_id: str
     ) -> pb.Order:
-        stored_digest, response = answer
-        if stored_digest != request_digest:
-            raise reused(IDEMPOTENCY_ROUTE, request_id)
+        response = replayed(answer, request_digest, IDEMPOTENCY_ROUTE, request_id)
         m.ROUTE_OUTCOMES.labels("replayed").inc()
         return service_pb.RouteOrderResponse.FromString(response).order
 
@@ -231,7 +239,9 @@ class RoutingHandlers:
         """The order id is taken: a retry of an interrupted first routing, or a clash."""
         async with self.pool.acquire() as conn:
             stored = await storage.load_order(conn, request.order_id)
-            answer = await storage.stored_answer(conn, IDEMPOTENCY_ROUTE, request.request_id)
+            answer = await stored_answer(
+                conn, schema=SCHEMA, method=IDEMPOTENCY_ROUTE, request_id=request.request_id
+            )
         if answer is not None:
             return self._replay(answer, request_digest, request.request_id)
         if stored is None or stored.request_id != request.request_id:
@@ -611,7 +621,14 @@ class RoutingHandlers:
         await outbox.append(conn, SCHEMA, PRODUCER, events)
         if answer is not None:
             response = service_pb.RouteOrderResponse(order=out).SerializeToString()
-            await storage.store_answer(conn, IDEMPOTENCY_ROUTE, answer[0], answer[1], response)
+            await store_answer(
+                conn,
+                schema=SCHEMA,
+                method=IDEMPOTENCY_ROUTE,
+                request_id=answer[0],
+                request_digest=answer[1],
+                answer=response,
+            )
         if first and planned is not None:
             outcome = (
                 "unsourced" if not planned.plan.shipments
@@ -729,12 +746,11 @@ class RoutingHandlers:
         request_digest = digest(repr((order_id, sorted(line_numbers), reason_code)).encode())
         method = "CancelOrder"
         async with self.pool.acquire() as conn:
-            answer = await storage.stored_answer(conn, method, request_id)
+            answer = await stored_answer(conn, schema=SCHEMA, method=method, request_id=request_id)
             stored = await storage.load_order(conn, order_id)
         if answer is not None:
-            if answer[0] != request_digest:
-                raise reused(method, request_id)
-            return service_pb.CancelOrderResponse.FromString(answer[1]).order
+            response = replayed(answer, request_digest, method, request_id)
+            return service_pb.CancelOrderResponse.FromString(response).order
         if stored is None:
             raise domain.not_found(order_id)
         domain.check_cancel(stored.order, line_numbers, reason_code)
@@ -792,7 +808,14 @@ class RoutingHandlers:
                 conn, SCHEMA, PRODUCER, [_event("order.cancelled", event, order_id)]
             )
             response = service_pb.CancelOrderResponse(order=out).SerializeToString()
-            await storage.store_answer(conn, "CancelOrder", request_id, request_digest, response)
+            await store_answer(
+                conn,
+                schema=SCHEMA,
+                method="CancelOrder",
+                request_id=request_id,
+                request_digest=request_digest,
+                answer=response,
+            )
             return out
 
         out = await unit_of_work(self.pool, keep)
@@ -809,12 +832,14 @@ class RoutingHandlers:
         request_digest = digest(request.SerializeToString(deterministic=True))
         method = "RouteReturn"
         async with self.pool.acquire() as conn:
-            answer = await storage.stored_answer(conn, method, request.request_id)
+            answer = await stored_answer(
+                conn, schema=SCHEMA, method=method, request_id=request.request_id
+            )
             locations, _ = await self.catalog.load(conn)
         if answer is not None:
-            if answer[0] != request_digest:
-                raise reused(method, request.request_id)
-            return service_pb.RouteReturnResponse.FromString(answer[1]).order_return
+            # Answered before: no need to ask the ledger again.
+            response = replayed(answer, request_digest, method, request.request_id)
+            return service_pb.RouteReturnResponse.FromString(response).order_return
         store = domain.check_return_store(request.location_id, locations)
         carried = await self.ledger.carried(store.location_id, sorted({line.sku for line in lines}))
 
@@ -864,7 +889,14 @@ class RoutingHandlers:
                 conn, SCHEMA, PRODUCER, [_event("return.routed", event, request.order_id)]
             )
             response = service_pb.RouteReturnResponse(order_return=body).SerializeToString()
-            await storage.store_answer(conn, method, request.request_id, request_digest, response)
+            await store_answer(
+                conn,
+                schema=SCHEMA,
+                method=method,
+                request_id=request.request_id,
+                request_digest=request_digest,
+                answer=response,
+            )
             for done in returned:
                 m.RETURNS.labels(done.disposition.value).inc(done.quantity)
             return body
@@ -884,22 +916,21 @@ class RoutingHandlers:
         rules = convert.rules_in(given)
         locations, _ = await self._network()
         domain.check_rules(rules, locations)
-        content = digest(convert.rules_to_json(rules).encode())
-        method = "SetRoutingRules"
 
         async def keep(conn: Connection) -> pb.RoutingRules:
-            answer = await storage.stored_answer(conn, method, request_id)
-            if answer is not None:
-                if answer[0] != content:
-                    raise reused(method, request_id)
-                return service_pb.SetRoutingRulesResponse.FromString(answer[1]).rules
             version, at = await storage.save_rules(conn, rules)
-            out = convert.rules_out(replace(rules, version=version), at)
-            response = service_pb.SetRoutingRulesResponse(rules=out).SerializeToString()
-            await storage.store_answer(conn, method, request_id, content, response)
-            return out
+            return convert.rules_out(replace(rules, version=version), at)
 
-        return await unit_of_work(self.pool, keep)
+        return await once_in_transaction(
+            self.pool,
+            schema=SCHEMA,
+            method="SetRoutingRules",
+            request_id=request_id,
+            content=convert.rules_to_json(rules).encode(),
+            execute=keep,
+            encode=lambda out: out.SerializeToString(),
+            decode=pb.RoutingRules.FromString,
+        )
 
     # -- facts from other services (inside the consumers' transactions) ------------------
 

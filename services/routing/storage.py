@@ -439,30 +439,3 @@ async def load_returns(conn: Connection, order_id: str) -> list[bytes]:
         order_id,
     )
     return [bytes(r["body"]) for r in rows]
-
-
-async def stored_answer(
-    conn: Connection, method: str, request_id: str
-) -> tuple[bytes, bytes] | None:
-    """The (request digest, response) kept for an idempotent request, if any."""
-    row = await conn.fetchrow(
-        "SELECT request_hash, response FROM routing.idempotency_keys "
-        "WHERE method = $1 AND request_id = $2",
-        method,
-        request_id,
-    )
-    return (bytes(row["request_hash"]), bytes(row["response"])) if row else None
-
-
-async def store_answer(
-    conn: Connection, method: str, request_id: str, request_digest: bytes, response: bytes
-) -> None:
-    """Keep the answer to an idempotent request with its effect."""
-    await conn.execute(
-        "INSERT INTO routing.idempotency_keys (method, request_id, request_hash, response) "
-        "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        method,
-        request_id,
-        request_digest,
-        response,
-    )
