@@ -289,9 +289,9 @@ def return_out(r: domain.OrderReturn) -> pb.OrderReturn:
 
 
 def order_out(
-    order: domain.Order, plan: bytes | None, returns: list[bytes] | None = None
+    order: domain.Order, plan: pb.Plan | bytes | None, returns: list[bytes] | None = None
 ) -> pb.Order:
-    """An order on the wire; ``plan`` and ``returns`` are stored protobuf."""
+    """An order on the wire; ``plan`` as built or as stored, ``returns`` as stored."""
     c = order.customer
     out = pb.Order(
         order_id=order.order_id,
@@ -329,7 +329,9 @@ def order_out(
         out.customer.position.longitude = c.position.longitude
     if order.deliver_by is not None:
         out.options.deliver_by.CopyFrom(wire.timestamp_out(order.deliver_by))
-    if plan:
+    if isinstance(plan, pb.Plan):
+        out.plan.CopyFrom(plan)
+    elif plan:
         out.plan.ParseFromString(plan)
     for body in returns or ():
         out.returns.add().ParseFromString(body)

@@ -582,6 +582,7 @@ class RoutingHandlers:
         now = datetime.now(UTC)
         first = order.plan_number == 0
         plan_bytes = None
+        plan_pb: pb.Plan | None = None
         events: list[OutgoingEvent] = []
         if planned is not None:
             locations, rules = planned.locations, planned.rules
@@ -615,7 +616,7 @@ class RoutingHandlers:
         )  # fmt: skip
         # Returns need delivered units, so a first routing has none to show.
         returns = [] if first else await storage.load_returns(conn, order_id)
-        out = convert.order_out(order, plan_bytes or stored.plan, returns)
+        out = convert.order_out(order, plan_pb or stored.plan, returns)
         if planned is not None:
             events += self._routing_events(out, first, stored.reroute_cause, planned)
         await outbox.append(conn, SCHEMA, PRODUCER, events)
