@@ -64,6 +64,13 @@ COUNTERS_AND_GAUGES = frozenset(
         "omni_routing_reroutes_total",
         "omni_routing_orders_needing_attention_total",
         "omni_routing_orders_awaiting_attention",
+        "omni_fulfilment_tasks_created_total",
+        "omni_fulfilment_steps_total",
+        "omni_fulfilment_short_picked_units_total",
+        "omni_fulfilment_wrong_pickup_codes_total",
+        "omni_fulfilment_expired_total",
+        "omni_fulfilment_open_tasks",
+        "omni_fulfilment_oldest_unaccepted_task_age_seconds",
         "omni_sweeper_runs_total",
         "omni_sweeper_items_total",
         "omni_sweeper_last_success_timestamp_seconds",
@@ -164,7 +171,12 @@ def k8s_documents() -> dict[str, dict[str, Any]]:
 
 
 # (compose service and component name, gRPC port, metrics port) of the deployed services.
-SERVICES = [("ledger", 50051, 9101), ("reservation", 50052, 9102), ("routing", 50053, 9103)]
+SERVICES = [
+    ("ledger", 50051, 9101),
+    ("reservation", 50052, 9102),
+    ("routing", 50053, 9103),
+    ("fulfilment", 50054, 9104),
+]
 
 YAML_FILES = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
 
@@ -317,7 +329,8 @@ def test_compose_prepares_before_the_services() -> None:
     compose = load_yaml(DEPLOY / "compose" / "compose.yaml")
     services = compose["services"]
     expected = {
-        "postgres", "nats", "prepare", "ledger", "reservation", "routing", "prometheus", "grafana"
+        "postgres", "nats", "prepare", "ledger", "reservation", "routing", "fulfilment",
+        "prometheus", "grafana",
     }  # fmt: skip
     assert expected <= set(services)
     assert "omni migrate" in services["prepare"]["command"][-1]
@@ -366,6 +379,7 @@ def test_kustomization_lists_existing_files_but_not_the_secret_example() -> None
         ("ledger", 3, 50051, 9101, "omni.ledger.v1.StockLedgerService"),
         ("reservation", 2, 50052, 9102, "omni.reservation.v1.ReservationService"),
         ("routing", 2, 50053, 9103, "omni.routing.v1.OrderRoutingService"),
+        ("fulfilment", 2, 50054, 9104, "omni.fulfilment.v1.FulfilmentService"),
     ],
 )
 def test_deployment_is_hardened_and_drains_gracefully(
@@ -417,3 +431,23 @@ def test_service_targets_are_the_services(variable: str, expected: str) -> None:
     assert host in {service, f"{service}.omnistock", f"{service}.omnistock.svc.cluster.local"}
     ports = [p["port"] for p in objects[f"Service/{service}"]["spec"]["ports"]]
     assert service == expected and int(port) in ports
+
+
+def test_pickup_code_secret_comes_from_a_secret_and_only_to_fulfilment() -> None:
+    variable = "OMNI_FULFILMENT_CODE_SECRET"
+    objects = k8s_documents()
+    for key, document in objects.items():
+        if document["kind"] == "ConfigMap":
+            assert variable not in document.get("data", {}), key
+    assert variable in objects["Secret/omnistock-secrets"]["stringData"]
+    (container,) = objects["Deployment/omnistock-fulfilment"]["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {item["name"]: item for item in container["env"]}
+    reference = env[variable]["valueFrom"]["secretKeyRef"]
+    assert reference == {"name": "omnistock-secrets", "key": variable}
+    services = load_yaml(DEPLOY / "compose" / "compose.yaml")["services"]
+    assert services["fulfilment"]["environment"][variable]
+    for name, _, _ in SERVICES:
+        if name != "fulfilment":
+            assert variable not in services[name]["environment"], name
