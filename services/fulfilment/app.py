@@ -16,6 +16,7 @@ from services.fulfilment.handlers import FulfilmentHandlers
 
 MIGRATIONS = MigrationSet("fulfilment", Path(__file__).parent / "migrations")
 EXPIRY_BATCH = 100
+GAUGE_INTERVAL_SECONDS = 15.0
 
 
 def _build(context: ServiceContext) -> tuple[Sequence[ServiceBinding], Sequence[Worker]]:
@@ -26,6 +27,11 @@ def _build(context: ServiceContext) -> tuple[Sequence[ServiceBinding], Sequence[
         pickup_window=timedelta(days=settings.fulfilment_pickup_window_days),
         code_secret=settings.fulfilment_code_secret.encode(),
     )
+
+    async def refresh_gauges() -> int:
+        await handlers.refresh_gauges()
+        return 0
+
     workers: list[Worker] = [
         routing_consumer(context, handlers),
         Sweeper(
@@ -34,6 +40,7 @@ def _build(context: ServiceContext) -> tuple[Sequence[ServiceBinding], Sequence[
             interval=settings.fulfilment_sweep_interval_seconds,
             batch_size=EXPIRY_BATCH,
         ),
+        Sweeper("fulfilment-gauges", refresh_gauges, interval=GAUGE_INTERVAL_SECONDS, batch_size=1),
     ]
     return [grpc_api.binding(handlers)], workers
 

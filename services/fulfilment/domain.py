@@ -24,6 +24,7 @@ from enum import Enum
 from omnistock.errors import FailedPrecondition, FieldViolation, InvalidArgument, PermissionDenied
 
 PICKUP_CODE_DIGITS = 6
+WRONG_PICKUP_CODE = "WRONG_PICKUP_CODE"
 
 
 class Kind(Enum):
@@ -197,7 +198,7 @@ def collect(f: Fulfilment, code: str, secret: bytes) -> Fulfilment:
     _need(f, "collected", Status.READY_FOR_PICKUP)
     if not hmac.compare_digest(code_hash(code, secret), f.pickup_code_hash):
         raise PermissionDenied(
-            "WRONG_PICKUP_CODE",
+            WRONG_PICKUP_CODE,
             "That pickup code does not match this order; ask the customer for the code "
             "their confirmation shows.",
             {"fulfilment_id": f.fulfilment_id},

@@ -20,7 +20,13 @@ from omni.fulfilment.v1 import events_pb2
 from omni.fulfilment.v1 import resources_pb2 as pb
 from omni.routing.v1 import resources_pb2 as routing_pb
 from omnistock.db import Connection, Pool, unit_of_work
-from omnistock.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from omnistock.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from omnistock.idempotency import (
     once_in_transaction,
     require_request_id,
@@ -29,6 +35,7 @@ from omnistock.messaging import outbox
 from omnistock.messaging.envelope import OutgoingEvent
 from omnistock.validation import check_id, check_reason, check_text
 from services.fulfilment import convert, domain, storage
+from services.fulfilment import metrics as m
 from services.fulfilment.domain import ENDED, Fulfilment, Item, Status
 
 SCHEMA = "fulfilment"
@@ -37,6 +44,18 @@ SUBJECT = "omni.fulfilment.fulfilment"
 MAX_PAGE_SIZE = 200
 DEFAULT_PAGE_SIZE = 50
 OPEN = tuple(s for s in Status if s not in ENDED)
+# The step label of each RPC in omni_fulfilment_steps_total.
+STEP_NAMES = {
+    "AcceptFulfilment": "accept",
+    "RejectFulfilment": "reject",
+    "ConfirmPick": "pick",
+    "PackFulfilment": "pack",
+    "ShipFulfilment": "ship",
+    "ReceiveTransfer": "receive",
+    "MarkReadyForPickup": "ready",
+    "CollectFulfilment": "collect",
+    "CancelFulfilment": "cancel",
+}
 
 Step = Callable[[Fulfilment], tuple[Fulfilment, list[OutgoingEvent]]]
 
@@ -108,6 +127,8 @@ class FulfilmentHandlers:
             event("created", events_pb2.FulfilmentCreated(fulfilment=convert.fulfilment_out(f)), f)
             for f in kept
         ]
+        for f in kept:
+            m.TASKS_CREATED.labels(f.kind.value).inc()
         await outbox.append(conn, SCHEMA, PRODUCER, created)
 
     async def cancel_for_order(
@@ -187,18 +208,28 @@ class FulfilmentHandlers:
             changed, events = apply(found)
             saved = await storage.save(conn, changed)
             await outbox.append(conn, SCHEMA, PRODUCER, events)
+            executed.append(method)
             return convert.fulfilment_out(saved)
 
-        return await once_in_transaction(
-            self.pool,
-            schema=SCHEMA,
-            method=method,
-            request_id=request_id,
-            content=content,
-            execute=execute,
-            encode=lambda out: out.SerializeToString(),
-            decode=pb.Fulfilment.FromString,
-        )
+        executed: list[str] = []  # empty when the answer was replayed
+        try:
+            answer = await once_in_transaction(
+                self.pool,
+                schema=SCHEMA,
+                method=method,
+                request_id=request_id,
+                content=content,
+                execute=execute,
+                encode=lambda out: out.SerializeToString(),
+                decode=pb.Fulfilment.FromString,
+            )
+        except PermissionDenied as refused:
+            if refused.reason == domain.WRONG_PICKUP_CODE:
+                m.WRONG_PICKUP_CODES.inc()
+            raise
+        if executed:
+            m.STEPS.labels(STEP_NAMES.get(method, method)).inc()
+        return answer
 
     def accept(self, f: Fulfilment) -> tuple[Fulfilment, list[OutgoingEvent]]:
         """The location takes the task."""
@@ -235,6 +266,7 @@ class FulfilmentHandlers:
                 return done, [self._rejected(done)]
             events = []
             if short:
+                m.SHORT_PICKED_UNITS.inc(sum(short.values()))
                 events.append(
                     event(
                         "short_picked",
@@ -351,16 +383,19 @@ class FulfilmentHandlers:
     async def expire_due(self, batch: int) -> int:
         """Tasks not accepted in time, and pickups not collected in time, end."""
 
-        async def work(conn: Connection) -> int:
+        async def work(conn: Connection) -> list[str]:
             due = await storage.claim_due(conn, batch)
             events = []
+            causes = []
             for f in due:
                 if f.status is Status.CREATED:
                     done = domain.expire_task(f)
                     cause = events_pb2.EXPIRY_CAUSE_TASK_NOT_ACCEPTED
+                    causes.append("not_accepted")
                 else:
                     done = domain.expire_pickup(f)
                     cause = events_pb2.EXPIRY_CAUSE_PICKUP_NOT_COLLECTED
+                    causes.append("not_collected")
                 await storage.save(conn, done)
                 expired = events_pb2.FulfilmentExpired(
                     fulfilment_id=done.fulfilment_id,
@@ -373,9 +408,21 @@ class FulfilmentHandlers:
                 )
                 events.append(event("expired", expired, done))
             await outbox.append(conn, SCHEMA, PRODUCER, events)
-            return len(due)
+            return causes
 
-        return await unit_of_work(self.pool, work)
+        causes = await unit_of_work(self.pool, work)
+        for cause in causes:
+            m.EXPIRED.labels(cause).inc()
+        return len(causes)
+
+    async def refresh_gauges(self) -> None:
+        """Open tasks by kind and status, and the oldest task waiting to be accepted."""
+        async with self.pool.acquire() as conn:
+            counts, oldest = await storage.open_task_figures(conn)
+        for kind in domain.Kind:
+            for status in OPEN:
+                m.OPEN_TASKS.labels(kind.value, status.value).set(counts.get((kind, status), 0))
+            m.OLDEST_OPEN_TASK_AGE.labels(kind.value).set(oldest.get(kind, 0.0))
 
     def _rejected(self, f: Fulfilment) -> OutgoingEvent:
         return event(

@@ -176,3 +176,22 @@ async def claim_due(conn: Connection, limit: int) -> list[Fulfilment]:
         limit,
     )
     return await _with_items(conn, rows)
+
+
+async def open_task_figures(
+    conn: Connection,
+) -> tuple[dict[tuple[Kind, Status], int], dict[Kind, float]]:
+    """Open tasks per (kind, status), and the age in seconds of the oldest unaccepted per kind."""
+    rows = await conn.fetch(
+        """
+        SELECT kind, status, count(*) AS tasks,
+               extract(epoch FROM now() - min(created_at)) AS oldest_seconds
+        FROM fulfilment.fulfilments
+        WHERE status NOT IN ('collected', 'rejected', 'cancelled', 'expired', 'shipped')
+           OR (status = 'shipped' AND kind = 'transfer_to_store')
+        GROUP BY kind, status
+        """
+    )
+    counts = {(Kind(r["kind"]), Status(r["status"])): int(r["tasks"]) for r in rows}
+    oldest = {Kind(r["kind"]): float(r["oldest_seconds"]) for r in rows if r["status"] == "created"}
+    return counts, oldest

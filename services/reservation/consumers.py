@@ -2,8 +2,9 @@
 
 - ``reservation-ledger`` projects sellable on-hand from the ledger's StockMoved
   and remembers the SKUs and locations it announces.
-- ``reservation-fulfilment`` consumes or releases order holds when goods
-  leave or a fulfilment is cancelled.
+- ``reservation-fulfilment`` consumes order holds when goods leave, releases
+  them when a fulfilment is cancelled or short-picked, and holds the goods a
+  transfer brought to the pickup store until they are collected.
 - :class:`AvailabilityFeed` listens (plain NATS, every replica) to the
   service's own AvailabilityChanged events and feeds the watch hub.
 """
@@ -117,6 +118,26 @@ def fulfilment_consumer(context: ServiceContext, handlers: ReservationHandlers) 
             reason_code=event.reason_code or "FULFILMENT_CANCELLED",
         )
 
+    async def on_short(conn: Connection, _: event_pb2.EventEnvelope, event: Any) -> None:
+        await handlers.release_short_picked(
+            conn,
+            order_id=event.order_id,
+            location_id=event.location_id,
+            lines=[(line.sku, line.quantity) for line in event.short_lines],
+            reason_code="SHORT_PICK",
+        )
+
+    async def on_transfer_received(
+        conn: Connection, _: event_pb2.EventEnvelope, event: Any
+    ) -> None:
+        await handlers.hold_arrived_transfer(
+            conn,
+            fulfilment_id=event.fulfilment_id,
+            order_id=event.order_id,
+            location_id=event.location_id,
+            lines=[(line.sku, line.quantity) for line in event.lines],
+        )
+
     return consumer(
         context,
         name="reservation-fulfilment",
@@ -125,12 +146,16 @@ def fulfilment_consumer(context: ServiceContext, handlers: ReservationHandlers) 
             "omni.fulfilment.fulfilment.shipped",
             "omni.fulfilment.fulfilment.collected",
             "omni.fulfilment.fulfilment.cancelled",
+            "omni.fulfilment.fulfilment.short_picked",
+            "omni.fulfilment.fulfilment.transfer_received",
         ],
         schema=SCHEMA,
         handlers={
             fulfilment_events.FulfilmentShipped: on_left,
             fulfilment_events.FulfilmentCollected: on_left,
             fulfilment_events.FulfilmentCancelled: on_cancelled,
+            fulfilment_events.FulfilmentShortPicked: on_short,
+            fulfilment_events.TransferReceived: on_transfer_received,
         },
     )
 

@@ -72,6 +72,7 @@ def reservation_out(reservation: domain.Reservation) -> resources_pb2.Reservatio
                 quantity=line.quantity,
                 consumed_quantity=line.consumed_quantity,
                 held_quantity=line.held,
+                released_quantity=line.released_quantity,
                 status=_LINE_STATUS_OUT[line.status],
             )
             for line in reservation.lines

@@ -105,6 +105,8 @@ class Line:
     quantity: int
     consumed_quantity: int = 0
     status: LineStatus = LineStatus.ACTIVE
+    # Units let go while the rest of the line stays held (a short pick).
+    released_quantity: int = 0
 
     @property
     def key(self) -> StockKey:
@@ -114,7 +116,20 @@ class Line:
     @property
     def held(self) -> int:
         """Units the line holds now."""
-        return self.quantity - self.consumed_quantity if self.status is LineStatus.ACTIVE else 0
+        if self.status is not LineStatus.ACTIVE:
+            return 0
+        return self.quantity - self.consumed_quantity - self.released_quantity
+
+    def settled(self, consumed: int, released: int) -> Line:
+        """The line with these totals; it ends once no unit is left held.
+
+        It ends CONSUMED when any unit of it left with the goods, RELEASED when
+        none did.
+        """
+        status = LineStatus.ACTIVE
+        if consumed + released >= self.quantity:
+            status = LineStatus.CONSUMED if consumed > 0 else LineStatus.RELEASED
+        return replace(self, consumed_quantity=consumed, released_quantity=released, status=status)
 
 
 @dataclass(frozen=True)
@@ -647,10 +662,24 @@ def consume(
     for line in reservation.lines:
         if line.key == (sku, location_id) and line.status is LineStatus.ACTIVE:
             used = min(quantity, line.held)
-            consumed = line.consumed_quantity + used
-            status = LineStatus.CONSUMED if consumed == line.quantity else LineStatus.ACTIVE
-            changed = replace(line, consumed_quantity=consumed, status=status)
+            changed = line.settled(line.consumed_quantity + used, line.released_quantity)
             return reservation.with_lines([changed], at), changed, used
+    return reservation, None, 0
+
+
+def release_units(
+    reservation: Reservation, sku: str, location_id: str, quantity: int, at: datetime
+) -> tuple[Reservation, Line | None, int]:
+    """Let go of up to ``quantity`` units of the active line for (sku, location).
+
+    The rest of the line stays held. Returns the reservation, the line as
+    changed (None when no active line matches) and the units released.
+    """
+    for line in reservation.lines:
+        if line.key == (sku, location_id) and line.status is LineStatus.ACTIVE:
+            freed = min(quantity, line.held)
+            changed = line.settled(line.consumed_quantity, line.released_quantity + freed)
+            return reservation.with_lines([changed], at), changed, freed
     return reservation, None, 0
 
 

@@ -59,6 +59,8 @@ RULES_SUBJECT = f"{SUBJECT}.rules.changed"
 # shipment or transfer out uncovers holds only until fulfilment's event
 # consumes them, so those get a grace period (see ``flag_overdue_shortages``).
 LOSS_KINDS = frozenset({"adjustment", "cycle_count", "state_change"})
+# Namespace of the ids of holds on goods a transfer brought to a pickup store.
+TRANSFER_ARRIVALS = uuid.UUID("117f62d7-1870-4617-a69d-3c714449004b")
 
 
 @dataclass(frozen=True)
@@ -519,36 +521,22 @@ class ReservationHandlers:
         lines: Sequence[tuple[str, int]],
     ) -> None:
         """Goods left (shipped or collected): use the order holds behind them."""
-
         used_by_line: dict[tuple[str, int], int] = {}
 
         def consume_all(
             held: dict[str, domain.Reservation], rows: dict[StockKey, StockRow], now: datetime
         ) -> list[tuple[domain.Reservation, list[domain.Line]]]:
-            touched: dict[str, dict[int, domain.Line]] = {}
-            for sku, quantity in lines:
-                remaining = quantity
-                for rid in list(held):
-                    if remaining <= 0:
-                        break
-                    held[rid], line, used = domain.consume(
-                        held[rid], sku, location_id, remaining, now
-                    )
-                    if line is None or used == 0:
-                        continue
-                    remaining -= used
-                    rows[line.key].held -= used
-                    touched.setdefault(rid, {})[line.line_number] = line
-                    key = (rid, line.line_number)
-                    used_by_line[key] = used_by_line.get(key, 0) + used
-                if remaining > 0:
-                    log.warning(
-                        "reservation.consumed_more_than_held",
-                        fulfilment_id=fulfilment_id,
-                        sku=sku,
-                        unheld=remaining,
-                    )
-            return [(held[rid], list(changed.values())) for rid, changed in touched.items()]
+            changed, unheld = _take_units(
+                held, rows, location_id, lines, now, domain.consume, used_by_line
+            )
+            for sku, units in unheld.items():
+                log.warning(
+                    "reservation.consumed_more_than_held",
+                    fulfilment_id=fulfilment_id,
+                    sku=sku,
+                    unheld=units,
+                )
+            return changed
 
         for reservation, changed in await self._change_order_holds(
             conn, order_id, location_id, consume_all
@@ -566,6 +554,107 @@ class ReservationHandlers:
             await outbox.append(
                 conn, SCHEMA, PRODUCER, [_outgoing("reservation.consumed", event, reservation)]
             )
+
+    async def release_short_picked(
+        self,
+        conn: Connection,
+        *,
+        order_id: str,
+        location_id: str,
+        lines: Sequence[tuple[str, int]],
+        reason_code: str,
+    ) -> None:
+        """A short pick: let go of the units the location could not find.
+
+        The picked units stay held until they ship; routing holds the missing
+        ones elsewhere.
+        """
+
+        def release_missing(
+            held: dict[str, domain.Reservation], rows: dict[StockKey, StockRow], now: datetime
+        ) -> list[tuple[domain.Reservation, list[domain.Line]]]:
+            changed, _ = _take_units(held, rows, location_id, lines, now, domain.release_units)
+            return changed
+
+        for reservation, changed in await self._change_order_holds(
+            conn, order_id, location_id, release_missing
+        ):
+            ended = [line for line in changed if line.status is not LineStatus.ACTIVE]
+            m.ENDED_LINES.labels("released").inc(len(ended))
+            event = events_pb2.ReservationReleased(
+                reservation=convert.reservation_out(reservation),
+                line_numbers=[line.line_number for line in changed],
+                reason_code=reason_code,
+            )
+            await outbox.append(
+                conn, SCHEMA, PRODUCER, [_outgoing("reservation.released", event, reservation)]
+            )
+
+    async def hold_arrived_transfer(
+        self,
+        conn: Connection,
+        *,
+        fulfilment_id: str,
+        order_id: str,
+        location_id: str,
+        lines: Sequence[tuple[str, int]],
+    ) -> None:
+        """A transfer reached the pickup store: hold its goods there for the order.
+
+        Shipping the transfer consumed the order's hold at the source. Until the
+        customer collects (or the pickup expires) the goods must not be sold to
+        anyone else at the pickup store, so they get an order hold of their own
+        in the order's channel. Its id comes from the transfer, so a redelivered
+        event adds nothing. The ledger's transfer-in may be projected before or
+        after this hold: until it is, the hold is covered by the grace period
+        that departures have too.
+        """
+        reservation_id = str(uuid.uuid5(TRANSFER_ARRIVALS, fulfilment_id))
+        if await storage.load_reservations(conn, [reservation_id]):
+            return
+        consumed = await storage.consumptions_of(conn, fulfilment_id)
+        sources = await storage.load_reservations(conn, {rid for rid, _, _ in consumed})
+        if not sources:
+            log.warning(
+                "reservation.transfer_without_hold", fulfilment_id=fulfilment_id, order_id=order_id
+            )
+            return
+        units: dict[str, int] = {}
+        for sku, quantity in lines:
+            units[sku] = units.get(sku, 0) + quantity
+        keys = sorted((sku, location_id) for sku in units)
+        for sku, _ in keys:
+            await storage.ensure_known(conn, sku, location_id)
+        await storage.lock_skus(conn, units)
+        locked = await storage.lock_stock(conn, keys)
+        now = datetime.now(UTC)
+        hold = domain.Reservation(
+            reservation_id=reservation_id,
+            channel=next(iter(sources.values())).channel,
+            reference=order_id,
+            kind=domain.Kind.ORDER,
+            lines=tuple(
+                domain.Line(number, sku, location, units[sku])
+                for number, (sku, location) in enumerate(keys, start=1)
+            ),
+            created_at=now,
+            updated_at=now,
+            expires_at=None,
+        )
+        changes = Changes()
+        for line in hold.lines:
+            row = locked[line.key][0] if line.key in locked else StockRow(*line.key, 0, 0)
+            row.held += line.quantity
+            changes.add(row)
+        await storage.write_holds(conn, [hold], [], [])
+        await storage.save_stock(conn, changes.rows.values())
+        created = events_pb2.ReservationCreated(reservation=convert.reservation_out(hold))
+        await outbox.append(
+            conn,
+            SCHEMA,
+            PRODUCER,
+            [_outgoing("reservation.created", created, hold), *await self._announce(conn, changes)],
+        )
 
     async def release_for_fulfilment(
         self,
@@ -1017,6 +1106,49 @@ def _event(
     return _outgoing(
         name, event_type(reservation=convert.reservation_out(reservation)), reservation
     )
+
+
+UnitStep = Callable[
+    [domain.Reservation, str, str, int, datetime],
+    tuple[domain.Reservation, domain.Line | None, int],
+]
+
+
+def _take_units(
+    held: dict[str, domain.Reservation],
+    rows: dict[StockKey, StockRow],
+    location_id: str,
+    lines: Sequence[tuple[str, int]],
+    now: datetime,
+    take: UnitStep,
+    taken_by_line: dict[tuple[str, int], int] | None = None,
+) -> tuple[list[tuple[domain.Reservation, list[domain.Line]]], dict[str, int]]:
+    """Take units per SKU from the order's active lines at ``location_id``, oldest id first.
+
+    ``take`` consumes or releases them (``domain.consume``, ``domain.release_units``);
+    the stock rows' held counts follow. Returns the changed reservations with
+    their changed lines, and the units per SKU no line held. ``taken_by_line``
+    collects the units taken per (reservation id, line number).
+    """
+    touched: dict[str, dict[int, domain.Line]] = {}
+    unheld: dict[str, int] = {}
+    for sku, quantity in lines:
+        remaining = quantity
+        for rid in list(held):
+            if remaining <= 0:
+                break
+            held[rid], line, units = take(held[rid], sku, location_id, remaining, now)
+            if line is None or units == 0:
+                continue
+            remaining -= units
+            rows[line.key].held -= units
+            touched.setdefault(rid, {})[line.line_number] = line
+            if taken_by_line is not None:
+                key = (rid, line.line_number)
+                taken_by_line[key] = taken_by_line.get(key, 0) + units
+        if remaining > 0:
+            unheld[sku] = unheld.get(sku, 0) + remaining
+    return [(held[rid], list(changed.values())) for rid, changed in touched.items()], unheld
 
 
 def _outgoing(name: str, payload: Message, reservation: domain.Reservation) -> OutgoingEvent:

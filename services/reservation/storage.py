@@ -410,15 +410,18 @@ async def save_reservations(conn: Connection, reservations: Sequence[Reservation
     await conn.execute(
         """
         UPDATE reservation.reservation_lines l
-        SET consumed_quantity = k.consumed_quantity, status = k.status
-        FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::text[])
-             AS k (reservation_id, line_number, consumed_quantity, status)
+        SET consumed_quantity = k.consumed_quantity, released_quantity = k.released_quantity,
+            status = k.status
+        FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::bigint[], $5::text[])
+             AS k (reservation_id, line_number, consumed_quantity, released_quantity, status)
         WHERE l.reservation_id = k.reservation_id AND l.line_number = k.line_number
-          AND (l.consumed_quantity, l.status) IS DISTINCT FROM (k.consumed_quantity, k.status)
+          AND (l.consumed_quantity, l.released_quantity, l.status)
+              IS DISTINCT FROM (k.consumed_quantity, k.released_quantity, k.status)
         """,
         [uuid.UUID(rid) for rid, _ in lines],
         [line.line_number for _, line in lines],
         [line.consumed_quantity for _, line in lines],
+        [line.released_quantity for _, line in lines],
         [line.status.value for _, line in lines],
     )
 
@@ -436,7 +439,8 @@ async def load_reservations(
     )
     lines = await conn.fetch(
         "SELECT reservation_id, line_number, sku, location_id, quantity, consumed_quantity, "
-        "status FROM reservation.reservation_lines WHERE reservation_id = ANY($1::uuid[]) "
+        "released_quantity, status FROM reservation.reservation_lines "
+        "WHERE reservation_id = ANY($1::uuid[]) "
         "ORDER BY reservation_id, line_number",
         ids,
     )
@@ -449,6 +453,7 @@ async def load_reservations(
                 location_id=r["location_id"],
                 quantity=r["quantity"],
                 consumed_quantity=r["consumed_quantity"],
+                released_quantity=r["released_quantity"],
                 status=LineStatus(r["status"]),
             )
         )
@@ -564,6 +569,16 @@ async def record_consumption(
         line_number,
         quantity,
     )
+
+
+async def consumptions_of(conn: Connection, fulfilment_id: str) -> list[tuple[str, int, int]]:
+    """What a fulfilment consumed: (reservation id, line number, units) each."""
+    rows = await conn.fetch(
+        "SELECT reservation_id, line_number, quantity FROM reservation.consumptions "
+        "WHERE fulfilment_id = $1 ORDER BY reservation_id, line_number",
+        fulfilment_id,
+    )
+    return [(str(r["reservation_id"]), r["line_number"], r["quantity"]) for r in rows]
 
 
 async def active_hold_totals(conn: Connection) -> tuple[int, int]:

@@ -423,6 +423,21 @@ def record_shipped(order: Order, location_id: str, goods: Sequence[Quantity]) ->
     return _add_to_lines(_replace_allocations(order, changed), delivered, "fulfilled")
 
 
+def transferred_to_pickup(order: Order) -> dict[tuple[str, str], int]:
+    """Units per (sku, pickup store) on their way to, or waiting at, the pickup store.
+
+    Once a transfer arrives the reservation service holds its goods at the
+    pickup store for the order, in a hold of its own that no allocation names;
+    these units say how much of such holds the order still stands for.
+    """
+    units: dict[tuple[str, str], int] = {}
+    for a in order.allocations:
+        if a.type is FulfilmentType.TRANSFER_TO_STORE and a.status is AllocationStatus.SHIPPED:
+            key = (a.sku, a.pickup_location_id)
+            units[key] = units.get(key, 0) + a.quantity
+    return units
+
+
 def record_collected(order: Order, pickup_location_id: str, goods: Sequence[Quantity]) -> Order:
     """The customer collected at the pickup store: pickups and transfers into it end."""
     changed: dict[str, Allocation] = {}

@@ -347,12 +347,17 @@ class RoutingHandlers:
             if a.status
             in (AllocationStatus.HELD, AllocationStatus.SHIPPED, AllocationStatus.COLLECTED)
         }
+        arrived = domain.transferred_to_pickup(order)
         for hold in await self.reservations.active_for(order.channel, order.order_id):
-            stray = [
-                line.line_number
-                for line in hold.lines
-                if (hold.reservation_id, line.line_number) not in live
-            ]
+            stray = []
+            for line in hold.lines:
+                if (hold.reservation_id, line.line_number) in live:
+                    continue
+                key = (line.sku, line.location_id)
+                if arrived.get(key, 0) >= line.held:
+                    arrived[key] -= line.held  # goods a transfer brought, awaiting collection
+                    continue
+                stray.append(line.line_number)
             if stray:
                 log.info(
                     "releasing stray holds",
@@ -958,15 +963,18 @@ class RoutingHandlers:
             return
         failed = set(order.failed) - set(before.failed)
         now = datetime.now(UTC)
+        # An order already ROUTING has a pass running or due; a later fact (the
+        # picked part of a short pick shipping) must not take that work away.
+        pending = before.status is OrderStatus.ROUTING
         if failed:
             # Units to route again: the routing worker takes it from here.
             order = replace(order, status=OrderStatus.ROUTING, updated_at=now)
-        elif stored.order.status is not OrderStatus.ROUTING:
+        elif not pending:
             order = domain.settle(order, now)
         await storage.save_order(
             conn,
             order,
-            work_due=bool(failed) or _stray_lines(order),
+            work_due=bool(failed) or pending or _stray_lines(order),
             reroute_cause=cause if failed else None,
         )
 

@@ -28,6 +28,7 @@ from services.reservation.domain import (
     end_lines,
     lines_to_short,
     place,
+    release_units,
     validate_reserve,
 )
 
@@ -622,3 +623,34 @@ def test_with_lines_replaces_by_line_number_only() -> None:
     changed = held.with_lines([replace(held.lines[1], status=LineStatus.RELEASED)], NOW)
     assert [line.status for line in changed.lines] == [LineStatus.ACTIVE, LineStatus.RELEASED]
     assert changed.lines[0] is held.lines[0]
+
+
+# -- releasing part of a line (short picks) ------------------------------------------
+
+
+def test_releasing_part_of_a_line_keeps_the_rest_held() -> None:
+    held = reservation(Line(1, "SKU-1", "store-a", 3), kind=Kind.ORDER)
+    after, line, freed = release_units(held, "SKU-1", "store-a", 1, NOW)
+    assert freed == 1
+    assert line == Line(1, "SKU-1", "store-a", 3, released_quantity=1)
+    assert line is not None and line.held == 2
+    assert after.status is LineStatus.ACTIVE
+
+
+def test_a_line_partly_released_then_consumed_ends_consumed() -> None:
+    held = reservation(Line(1, "SKU-1", "store-a", 3, released_quantity=1), kind=Kind.ORDER)
+    after, line, used = consume(held, "SKU-1", "store-a", 5, NOW)
+    assert used == 2
+    assert line is not None
+    assert (line.consumed_quantity, line.released_quantity) == (2, 1)
+    assert line.status is LineStatus.CONSUMED and line.held == 0
+    assert after.status is LineStatus.CONSUMED
+
+
+def test_releasing_every_unit_of_a_line_ends_it_released_and_frees_only_what_it_held() -> None:
+    held = reservation(Line(1, "SKU-1", "store-a", 3), kind=Kind.ORDER)
+    after, line, freed = release_units(held, "SKU-1", "store-a", 9, NOW)
+    assert freed == 3
+    assert line is not None and line.status is LineStatus.RELEASED
+    assert after.status is LineStatus.RELEASED
+    assert release_units(after, "SKU-1", "store-a", 1, NOW) == (after, None, 0)

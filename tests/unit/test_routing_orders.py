@@ -57,6 +57,7 @@ from services.routing.domain import (
     record_return,
     record_shipped,
     settle,
+    transferred_to_pickup,
 )
 from services.routing.planner import (
     FulfilmentType,
@@ -1061,3 +1062,14 @@ def test_the_units_of_every_line_add_up_whatever_happens(
     for fact in facts:
         o = apply(o, fact, new_ids)
         assert_units_add_up(o)
+
+
+def test_units_on_a_transfer_are_counted_at_the_pickup_store_until_collected() -> None:
+    placed = collect_order()
+    assert transferred_to_pickup(placed) == {}  # nothing left the DC yet
+    shipped = record_shipped(placed, "dc-til", [Quantity("sku-b", 2)])
+    assert transferred_to_pickup(shipped) == {("sku-b", "s-utr"): 2}
+    collected = record_collected(shipped, "s-utr", [Quantity("sku-a", 1), Quantity("sku-b", 2)])
+    assert transferred_to_pickup(collected) == {}
+    expired = record_pickup_expired(shipped, "s-utr")
+    assert transferred_to_pickup(expired) == {}
