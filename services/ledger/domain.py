@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import cached_property
 
+from omnistock.contract import fulfilment_device
 from omnistock.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from omnistock.validation import ID_PATTERN, check_id, check_reason, check_text
 
@@ -889,7 +890,6 @@ def validate_skus(skus: Sequence[Sku]) -> None:
 
 # -- fulfilment ----------------------------------------------------------------------
 
-FULFILMENT_DEVICE_PREFIX = "fulfilment:"
 # Each fact of a fulfilment numbers its movements from its own block, so the
 # facts of one fulfilment never share a key.
 _FULFILMENT_SEQUENCE_BLOCKS = {"shipped": 0, "received": 1000, "collected": 2000}
@@ -924,7 +924,7 @@ def fulfilment_movements(fact: FulfilmentFact) -> list[PostMovement]:
             details.append((sku, TransferIn(fact.fulfilment_id, units)))
         else:
             details.append((sku, Shipment(units, fact.order_id)))
-    device = FULFILMENT_DEVICE_PREFIX + fact.fulfilment_id
+    device = fulfilment_device(fact.fulfilment_id)
     first = _FULFILMENT_SEQUENCE_BLOCKS[fact.fact] + 1
     return [
         PostMovement(IdempotencyKey(device, sequence), sku, fact.location_id, detail,

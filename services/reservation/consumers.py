@@ -26,6 +26,7 @@ from omni.ledger.v1 import events_pb2 as ledger_events
 from omni.ledger.v1 import resources_pb2 as ledger_resources
 from omni.reservation.v1 import events_pb2
 from omnistock import wire
+from omnistock.contract import fulfilment_of
 from omnistock.db import Connection
 from omnistock.logs import get_logger
 from omnistock.messaging.consumer import EventConsumer
@@ -58,10 +59,17 @@ def stock_moved_facts(event: ledger_events.StockMoved) -> StockMovedFacts:
         kind=_MOVEMENT_KINDS.get(movement.kind, "unspecified"),
         recorded_at=wire.to_datetime(movement.recorded_at),
         postings=tuple(
-            Posting(p.stock.sku, p.stock.location_id, p.on_hand_after, p.balance_version)
+            Posting(
+                p.stock.sku,
+                p.stock.location_id,
+                p.on_hand_after,
+                p.balance_version,
+                p.quantity_delta,
+            )
             for p in movement.postings
             if p.stock.state == types_pb2.STOCK_STATE_SELLABLE
         ),
+        fulfilment_id=fulfilment_of(movement.key.device_id),
     )
 
 

@@ -1,7 +1,9 @@
 """Pure rules of the reservation service: no protobuf, asyncpg or NATS here.
 
 Available-to-promise (ATP) of a SKU at a location, for a channel, is
-``on_hand - held - safety stock`` and never below zero; a channel's network
+``on_hand - held - departing - safety stock`` and never below zero (departing:
+units whose hold a shipment used before the ledger counted them leaving, see
+``departing_change``); a channel's network
 figure sums it over the open locations the channel sells from. A hold is
 placed only when every line fits (all or nothing): the no-oversell invariant
 is that, after any hold, ``held <= on_hand - safety stock`` at every
@@ -198,11 +200,17 @@ class StockRow:
     location_id: str
     on_hand: int = 0
     held: int = 0
+    departing: int = 0
 
     @property
     def key(self) -> StockKey:
         """The (sku, location) of the row."""
         return (self.sku, self.location_id)
+
+    @property
+    def committed(self) -> int:
+        """Units promised away: held, or on their way out but still counted on hand."""
+        return self.held + self.departing
 
 
 @dataclass(frozen=True)
@@ -265,13 +273,13 @@ class Rules:
         """ATP of ``row`` for ``channel`` ("" = the location's own figure)."""
         safety = self.safety(channel, row.location_id)
         open_ = row.location_id not in self.closed_locations
-        available = max(0, row.on_hand - row.held - safety) if open_ else 0
+        available = max(0, row.on_hand - row.committed - safety) if open_ else 0
         return Figure(
             sku=row.sku,
             location_id=row.location_id,
             channel=channel,
             on_hand=row.on_hand,
-            reserved=row.held,
+            reserved=row.committed,
             safety_stock=safety,
             available=available,
             low_stock=self.is_low(channel, available),
@@ -289,10 +297,10 @@ class Rules:
             row = rows.get((sku, loc))
             if row is None or loc in self.closed_locations:
                 continue
-            free = max(0, row.on_hand - row.held)
+            free = max(0, row.on_hand - row.committed)
             units = max(0, free - self.safety(channel, loc))
             on_hand += row.on_hand
-            reserved += row.held
+            reserved += row.committed
             # What safety stock actually keeps back: a store with nothing left
             # keeps nothing back, so on_hand - reserved - safety_stock = available.
             kept_back += free - units
@@ -683,6 +691,22 @@ def release_units(
     return reservation, None, 0
 
 
+def departing_change(
+    consumed: int, departed: int, *, more_consumed: int = 0, more_departed: int = 0
+) -> tuple[tuple[int, int], int]:
+    """Match a fulfilment's hold consumption with the ledger's departure, in either order.
+
+    A shipment reaches the reservation service twice: fulfilment's event uses
+    the order hold, and the ledger's movement lowers on-hand. Whichever comes
+    first, the units must stay out of availability until the other arrives:
+    consumed but not yet departed units count as departing. Returns the new
+    (consumed, departed) and the change of the row's departing units.
+    """
+    before = max(0, consumed - departed)
+    consumed, departed = consumed + more_consumed, departed + more_departed
+    return (consumed, departed), max(0, consumed - departed) - before
+
+
 def lines_to_short(
     row: StockRow, active_newest_first: Sequence[Line], at_most: int | None = None
 ) -> list[Line]:
@@ -691,7 +715,8 @@ def lines_to_short(
     ``at_most`` bounds the units to cover (what one loss took): a gap beyond it
     belongs to a departure whose hold is consumed later, not to this loss.
     """
-    excess = row.held - row.on_hand if at_most is None else min(row.held - row.on_hand, at_most)
+    gap = row.committed - row.on_hand
+    excess = gap if at_most is None else min(gap, at_most)
     chosen = []
     for line in active_newest_first:
         if excess <= 0:

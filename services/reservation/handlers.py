@@ -59,6 +59,8 @@ RULES_SUBJECT = f"{SUBJECT}.rules.changed"
 # shipment or transfer out uncovers holds only until fulfilment's event
 # consumes them, so those get a grace period (see ``flag_overdue_shortages``).
 LOSS_KINDS = frozenset({"adjustment", "cycle_count", "state_change"})
+# Movements that take a fulfilment's goods away (matched with its consumption).
+DEPARTURE_KINDS = frozenset({"shipment", "transfer_out"})
 # Namespace of the ids of holds on goods a transfer brought to a pickup store.
 TRANSFER_ARRIVALS = uuid.UUID("117f62d7-1870-4617-a69d-3c714449004b")
 
@@ -71,6 +73,7 @@ class Posting:
     location_id: str
     on_hand_after: int
     balance_version: int
+    quantity_delta: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class StockMovedFacts:
     kind: str
     recorded_at: datetime
     postings: tuple[Posting, ...]
+    # The fulfilment the ledger posted the movement for (None: a scanner's).
+    fulfilment_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -460,6 +465,7 @@ class ReservationHandlers:
         changes = Changes(movement_recorded_at=facts.recorded_at)
         resynced: set[StockKey] = set()
         lost: dict[StockKey, int] = {}
+        departed: dict[StockKey, int] = {}
         for posting in facts.postings:
             key = (posting.sku, posting.location_id)
             row = rows.setdefault(key, StockRow(*key))
@@ -481,13 +487,21 @@ class ReservationHandlers:
                     got_version=posting.balance_version,
                 )
             lost[key] = lost.get(key, 0) + max(0, before - row.on_hand)
+            if facts.fulfilment_id and facts.kind in DEPARTURE_KINDS:
+                departed[key] = departed.get(key, 0) + max(0, -posting.quantity_delta)
             changes.add(row)
         if not changes.rows:
             return
+        if facts.fulfilment_id:
+            by_location: dict[str, dict[str, tuple[int, int]]] = {}
+            for (sku, location_id), units in departed.items():
+                by_location.setdefault(location_id, {})[sku] = (0, units)
+            for location_id, more in by_location.items():
+                await self._track_departures(conn, facts.fulfilment_id, location_id, rows, more)
         await storage.save_stock(conn, changes.rows.values(), versions)
         events: list[OutgoingEvent] = []
         for key, row in sorted(changes.rows.items()):
-            if row.on_hand < row.held and (facts.kind in LOSS_KINDS or key in resynced):
+            if row.on_hand < row.committed and (facts.kind in LOSS_KINDS or key in resynced):
                 # Short only what this movement lost: the rest of the gap may be a
                 # departure whose hold is about to be consumed (the grace period).
                 trigger = "resync" if key in resynced else "loss"
@@ -520,8 +534,14 @@ class ReservationHandlers:
         location_id: str,
         lines: Sequence[tuple[str, int]],
     ) -> None:
-        """Goods left (shipped or collected): use the order holds behind them."""
+        """Goods left (shipped or collected): use the order holds behind them.
+
+        The units used stay counted against availability as departing until
+        the ledger's movement for this fulfilment is projected (it may already
+        have been: then nothing is departing).
+        """
         used_by_line: dict[tuple[str, int], int] = {}
+        used: dict[str, int] = {}
 
         def consume_all(
             held: dict[str, domain.Reservation], rows: dict[StockKey, StockRow], now: datetime
@@ -529,7 +549,10 @@ class ReservationHandlers:
             changed, unheld = _take_units(
                 held, rows, location_id, lines, now, domain.consume, used_by_line
             )
+            for sku, quantity in lines:
+                used[sku] = used.get(sku, 0) + quantity
             for sku, units in unheld.items():
+                used[sku] -= units
                 log.warning(
                     "reservation.consumed_more_than_held",
                     fulfilment_id=fulfilment_id,
@@ -538,9 +561,15 @@ class ReservationHandlers:
                 )
             return changed
 
-        for reservation, changed in await self._change_order_holds(
-            conn, order_id, location_id, consume_all
-        ):
+        async def count_departing(rows: dict[StockKey, StockRow]) -> None:
+            await self._track_departures(
+                conn, fulfilment_id, location_id, rows, {sku: (n, 0) for sku, n in used.items()}
+            )
+
+        consumed_holds = await self._change_order_holds(
+            conn, order_id, location_id, consume_all, before_save=count_departing
+        )
+        for reservation, changed in consumed_holds:
             for line in changed:
                 if line.status is LineStatus.CONSUMED:
                     m.ENDED_LINES.labels("consumed").inc()
@@ -759,7 +788,7 @@ class ReservationHandlers:
                 if key not in locked:
                     return 0
                 row = locked[key][0]
-                if row.on_hand >= row.held:
+                if row.on_hand >= row.committed:
                     await storage.save_stock(conn, [row])  # clears short_since
                     return 0
                 events = await self._mark_short(conn, row, "overdue")  # saves the row
@@ -840,6 +869,32 @@ class ReservationHandlers:
         locked = await storage.lock_stock(conn, keys)
         return {key: row for key, (row, _) in locked.items()}
 
+    async def _track_departures(
+        self,
+        conn: Connection,
+        fulfilment_id: str,
+        location_id: str,
+        rows: dict[StockKey, StockRow],
+        more: dict[str, tuple[int, int]],
+    ) -> None:
+        """Add (consumed, departed) units of a fulfilment at a location; rows' departing follow.
+
+        Both sides call this holding the stock rows' locks, so the two events of
+        one departure are matched one after the other, never at once.
+        """
+        more = {sku: units for sku, units in more.items() if units != (0, 0)}
+        if not more:
+            return
+        seen = await storage.departures_at(conn, fulfilment_id, location_id, more)
+        for sku, (consumed, departed) in more.items():
+            total, change = domain.departing_change(
+                *seen.get(sku, (0, 0)), more_consumed=consumed, more_departed=departed
+            )
+            seen[sku] = total
+            row = rows[(sku, location_id)]
+            row.departing = max(0, row.departing + change)
+        await storage.save_departures(conn, fulfilment_id, location_id, seen)
+
     async def _change_order_holds(
         self,
         conn: Connection,
@@ -849,6 +904,8 @@ class ReservationHandlers:
             [dict[str, domain.Reservation], dict[StockKey, StockRow], datetime],
             list[tuple[domain.Reservation, list[domain.Line]]],
         ],
+        *,
+        before_save: Callable[[dict[StockKey, StockRow]], Awaitable[None]] | None = None,
     ) -> list[tuple[domain.Reservation, list[domain.Line]]]:
         ids = await storage.order_holds(conn, order_id, location_id)
         if not ids:
@@ -861,6 +918,8 @@ class ReservationHandlers:
         held = {rid: locked[rid] for rid in ids if rid in locked and locked[rid].active}
         changed = change(held, rows, datetime.now(UTC))
         if changed:
+            if before_save is not None:
+                await before_save(rows)  # under the stock locks, before anything is written
             changes = Changes()
             for _, lines in changed:
                 for line in lines:

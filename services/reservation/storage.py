@@ -8,7 +8,7 @@ and projections cannot deadlock one another.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -208,7 +208,10 @@ async def save_location_safety(conn: Connection, location_id: str, safety_stock:
 
 
 def _row(record: asyncpg.Record) -> StockRow:
-    return StockRow(record["sku"], record["location_id"], record["on_hand"], record["held"])
+    return StockRow(
+        record["sku"], record["location_id"], record["on_hand"], record["held"],
+        record["departing"],
+    )  # fmt: skip
 
 
 async def lock_stock(
@@ -218,7 +221,7 @@ async def lock_stock(
     ordered = sorted(set(keys))
     rows = await conn.fetch(
         """
-        SELECT s.sku, s.location_id, s.on_hand, s.held, s.ledger_version
+        SELECT s.sku, s.location_id, s.on_hand, s.held, s.departing, s.ledger_version
         FROM reservation.stock s
         JOIN unnest($1::text[], $2::text[]) AS k (sku, location_id) USING (sku, location_id)
         ORDER BY s.sku, s.location_id
@@ -241,16 +244,19 @@ async def save_stock(
     await conn.execute(
         """
         INSERT INTO reservation.stock AS s
-            (sku, location_id, on_hand, held, ledger_version, short_since, updated_at)
-        SELECT k.sku, k.location_id, k.on_hand, k.held, coalesce(k.ledger_version, 0),
-               CASE WHEN k.held > k.on_hand THEN now() END, now()
-        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
-             AS k (sku, location_id, on_hand, held, ledger_version)
+            (sku, location_id, on_hand, held, departing, ledger_version, short_since, updated_at)
+        SELECT k.sku, k.location_id, k.on_hand, k.held, k.departing,
+               coalesce(k.ledger_version, 0),
+               CASE WHEN k.held + k.departing > k.on_hand THEN now() END, now()
+        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
+                    $6::bigint[])
+             AS k (sku, location_id, on_hand, held, departing, ledger_version)
         ON CONFLICT (sku, location_id) DO UPDATE SET
             on_hand = excluded.on_hand,
             held = excluded.held,
+            departing = excluded.departing,
             ledger_version = greatest(s.ledger_version, excluded.ledger_version),
-            short_since = CASE WHEN excluded.held > excluded.on_hand
+            short_since = CASE WHEN excluded.held + excluded.departing > excluded.on_hand
                                THEN coalesce(s.short_since, now()) END,
             updated_at = now()
         """,
@@ -258,6 +264,7 @@ async def save_stock(
         [r.location_id for r in rows],
         [r.on_hand for r in rows],
         [r.held for r in rows],
+        [r.departing for r in rows],
         [versions.get(r.key) for r in rows],
     )
 
@@ -265,7 +272,8 @@ async def save_stock(
 async def stock_of_skus(conn: Connection, skus: Collection[str]) -> dict[StockKey, StockRow]:
     """Every stock row of ``skus``, at every location (read, not locked)."""
     rows = await conn.fetch(
-        "SELECT sku, location_id, on_hand, held FROM reservation.stock WHERE sku = ANY($1::text[])",
+        "SELECT sku, location_id, on_hand, held, departing FROM reservation.stock "
+        "WHERE sku = ANY($1::text[])",
         list(set(skus)),
     )
     return {(r["sku"], r["location_id"]): _row(r) for r in rows}
@@ -277,7 +285,7 @@ async def snapshot(
     """Versions and stock rows of ``skus`` read in one statement, so they agree."""
     rows = await conn.fetch(
         """
-        SELECT k.sku, k.availability_version, s.location_id, s.on_hand, s.held
+        SELECT k.sku, k.availability_version, s.location_id, s.on_hand, s.held, s.departing
         FROM reservation.skus k
         LEFT JOIN reservation.stock s USING (sku)
         WHERE k.sku = ANY($1::text[])
@@ -323,7 +331,8 @@ async def write_holds(
         )
         UPDATE reservation.stock s
         SET held = k.held,
-            short_since = CASE WHEN k.held > s.on_hand THEN coalesce(s.short_since, now()) END,
+            short_since = CASE WHEN k.held + s.departing > s.on_hand
+                               THEN coalesce(s.short_since, now()) END,
             updated_at = now()
         FROM unnest($16::text[], $17::text[], $18::bigint[]) AS k (sku, location_id, held)
         WHERE s.sku = k.sku AND s.location_id = k.location_id
@@ -589,3 +598,45 @@ async def active_hold_totals(conn: Connection) -> tuple[int, int]:
     )
     assert row is not None
     return int(row["holds"]), int(row["units"])
+
+
+async def departures_at(
+    conn: Connection, fulfilment_id: str, location_id: str, skus: Collection[str]
+) -> dict[str, tuple[int, int]]:
+    """(consumed, departed) per SKU of a fulfilment at a location, locked."""
+    rows = await conn.fetch(
+        "SELECT sku, consumed, departed FROM reservation.departures "
+        "WHERE fulfilment_id = $1 AND location_id = $2 AND sku = ANY($3::text[]) "
+        "ORDER BY sku FOR UPDATE",
+        fulfilment_id,
+        location_id,
+        sorted(set(skus)),
+    )
+    return {r["sku"]: (r["consumed"], r["departed"]) for r in rows}
+
+
+async def save_departures(
+    conn: Connection, fulfilment_id: str, location_id: str, seen: Mapping[str, tuple[int, int]]
+) -> None:
+    """Keep both sides of each departure; one whose sides agree is done and deleted."""
+    open_ = {sku: units for sku, units in seen.items() if units[0] != units[1]}
+    done = [sku for sku, units in seen.items() if units[0] == units[1]]
+    await conn.execute(
+        """
+        WITH gone AS (
+            DELETE FROM reservation.departures
+            WHERE fulfilment_id = $1 AND location_id = $2 AND sku = ANY($6::text[])
+        )
+        INSERT INTO reservation.departures (fulfilment_id, location_id, sku, consumed, departed)
+        SELECT $1, $2, k.sku, k.consumed, k.departed
+        FROM unnest($3::text[], $4::bigint[], $5::bigint[]) AS k (sku, consumed, departed)
+        ON CONFLICT (fulfilment_id, sku, location_id) DO UPDATE
+        SET consumed = excluded.consumed, departed = excluded.departed
+        """,
+        fulfilment_id,
+        location_id,
+        list(open_),
+        [units[0] for units in open_.values()],
+        [units[1] for units in open_.values()],
+        done,
+    )

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import grpc
 from google.rpc import error_details_pb2
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from omni.common.v1 import event_pb2
 from omnistock.db import Pool
 from omnistock.grpc.errors import bad_request, error_info
 
@@ -58,3 +61,24 @@ async def ledger_row_counts(pool: Pool) -> LedgerRowCounts:
     return LedgerRowCounts(
         row["movements"], row["postings"], row["outbox"], row["balance_versions"], row["transfers"]
     )
+
+
+async def read_stream(
+    js: JetStreamContext, stream: str, start: int
+) -> list[event_pb2.EventEnvelope]:
+    """Every event of ``stream`` from sequence ``start`` to its current end, in order."""
+    end = (await js.stream_info(stream)).state.last_seq
+    subscription = await js.pull_subscribe(
+        "omni.>",
+        stream=stream,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
+    )
+    envelopes = []
+    last = start - 1
+    while last < end:
+        for message in await subscription.fetch(500, timeout=5):
+            envelopes.append(event_pb2.EventEnvelope.FromString(message.data))
+            last = message.metadata.sequence.stream
+            await message.ack()
+    await subscription.unsubscribe()
+    return envelopes

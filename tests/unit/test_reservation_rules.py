@@ -25,6 +25,7 @@ from services.reservation.domain import (
     StockRow,
     check_release,
     consume,
+    departing_change,
     end_lines,
     lines_to_short,
     place,
@@ -654,3 +655,28 @@ def test_releasing_every_unit_of_a_line_ends_it_released_and_frees_only_what_it_
     assert line is not None and line.status is LineStatus.RELEASED
     assert after.status is LineStatus.RELEASED
     assert release_units(after, "SKU-1", "store-a", 1, NOW) == (after, None, 0)
+
+
+# -- departing units (a shipment's two events, in either order) ----------------------
+
+
+def test_units_consumed_before_the_ledger_counts_them_leaving_stay_unavailable() -> None:
+    # fulfilment's event first: 3 consumed, so 3 departing until the ledger's movement
+    totals, change = departing_change(0, 0, more_consumed=3)
+    assert (totals, change) == ((3, 0), 3)
+    totals, change = departing_change(*totals, more_departed=3)
+    assert (totals, change) == ((3, 3), -3)
+
+
+def test_units_the_ledger_counted_leaving_first_never_become_departing() -> None:
+    totals, change = departing_change(0, 0, more_departed=2)
+    assert (totals, change) == ((0, 2), 0)
+    totals, change = departing_change(*totals, more_consumed=2)
+    assert (totals, change) == ((2, 2), 0)
+
+
+def test_departing_units_count_against_availability_until_they_are_gone() -> None:
+    row = StockRow("SKU-1", "store-a", on_hand=5, held=1, departing=3)
+    figure = rules().figure(row, "web", 1)
+    assert (figure.on_hand, figure.reserved, figure.available) == (5, 4, 1)
+    assert lines_to_short(replace(row, on_hand=3), lines(1)) == lines(1)

@@ -16,11 +16,14 @@ from omni.fulfilment.v1 import events_pb2
 from omni.fulfilment.v1 import fulfilment_service_pb2 as pb
 from omni.fulfilment.v1 import resources_pb2 as res
 from omni.ledger.v1 import ledger_service_pb2 as ledger_pb
+from omni.reservation.v1 import events_pb2 as reservation_events
+from omni.reservation.v1 import reservation_service_pb2 as reservation_pb
 from omni.routing.v1 import resources_pb2 as routing_pb
 from omnistock.db import Pool
 from omnistock.messaging.envelope import unpack
 from tests.integration.conftest import eventually
 from tests.integration.fulfilment.conftest import FulfilmentStub
+from tests.integration.helpers import read_stream
 from tests.integration.routing.conftest import AMSTERDAM, NIEUWEGEIN, TILBURG, UTRECHT, World
 
 READY_SUBJECT = "omni.fulfilment.fulfilment.ready_for_pickup"
@@ -206,3 +209,41 @@ async def test_a_pickup_nobody_collects_expires_and_its_stock_is_for_sale_again(
     assert await sellable(world, sku, "utrecht") == 2  # the goods stayed in the store
     closed = await world.get(order.order_id)
     assert closed.status == routing_pb.ORDER_STATUS_CANCELLED
+
+
+async def test_shipped_units_are_never_offered_again_while_the_ledger_catches_up(
+    world: World, fulfilment: FulfilmentStub, js: JetStreamContext
+) -> None:
+    # The reservation service hears of a shipment twice: fulfilment's event uses
+    # the hold, the ledger's movement lowers on-hand. Between the two, the units
+    # must not count as available again.
+    await world.build({"utrecht": ("store", UTRECHT)})
+    (sku,) = world.skus
+    await world.stock(sku, "utrecht", 3)
+    await world.known_to_routing()
+    order = await world.route([(sku, 1)], to=NIEUWEGEIN)
+    assert await world.available(sku, "utrecht") == 2
+    start = (await js.stream_info("OMNI_RESERVATION")).state.last_seq + 1
+
+    await send_off(fulfilment, await task_at(fulfilment, world.id("utrecht"), order.order_id), 1)
+    await eventually(lambda: sellable(world, sku, "utrecht"), lambda units: units == 2)
+    await eventually(lambda: world.held_lines(order.order_id), lambda held: held == {})
+
+    published = [
+        figure
+        for envelope in await read_stream(js, "OMNI_RESERVATION", start)
+        if (changed := unpack(envelope, reservation_events.AvailabilityChanged)) is not None
+        for figure in changed.figures
+        if figure.sku == sku and figure.location_id == world.id("utrecht")
+    ]
+    assert published, "the shipment changed no figure"
+    assert max(f.available for f in published) == 2, [
+        (f.available, f.reserved, f.on_hand) for f in published
+    ]
+    final = await world.reservations.GetAvailability(
+        reservation_pb.GetAvailabilityRequest(
+            channel=world.channel, skus=[sku], location_ids=[world.id("utrecht")]
+        )
+    )
+    (figure,) = final.availability[0].locations
+    assert (figure.on_hand, figure.reserved, figure.available) == (2, 0, 2)

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import grpc
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from omni.common.v1 import event_pb2, types_pb2
 from omni.ledger.v1 import ledger_service_pb2 as ledger_pb
@@ -36,7 +35,7 @@ from omni.reservation.v1 import resources_pb2 as res
 from omnistock.db import Pool
 from tests.conftest import ReservationStub
 from tests.integration.conftest import eventually
-from tests.integration.helpers import failure
+from tests.integration.helpers import failure, read_stream
 from tests.integration.reservation.conftest import CART, ORDER, Shop, reserve_request
 
 SAFETY = 1
@@ -146,25 +145,6 @@ async def run_clients(
     await asyncio.gather(*(client(n) for n in range(12)), *(scanner(n) for n in range(3)))
 
 
-async def read_stream(js: JetStreamContext, start: int) -> list[event_pb2.EventEnvelope]:
-    """Every event of OMNI_RESERVATION from ``start`` to the current end, in order."""
-    end = (await js.stream_info("OMNI_RESERVATION")).state.last_seq
-    subscription = await js.pull_subscribe(
-        "omni.reservation.>",
-        stream="OMNI_RESERVATION",
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
-    )
-    envelopes = []
-    last = start - 1
-    while last < end:
-        for message in await subscription.fetch(500, timeout=5):
-            envelopes.append(event_pb2.EventEnvelope.FromString(message.data))
-            last = message.metadata.sequence.stream
-            await message.ack()
-    await subscription.unsubscribe()
-    return envelopes
-
-
 _SNAPSHOT_EVENTS = (
     events_pb2.ReservationCreated,
     events_pb2.ReservationExtended,
@@ -257,7 +237,7 @@ async def test_the_history_of_concurrent_holds_and_movements_never_oversells(
         await shop.wait_on_hand(sku, loc, on_hand.get((sku, loc), 0))
     await asyncio.sleep(1.0)  # the relay publishes the last events
 
-    held = check_history(await read_stream(js, start), set(keys))
+    held = check_history(await read_stream(js, "OMNI_RESERVATION", start), set(keys))
 
     assert len(history.acknowledged) > 20 and len(history.refused) > 5, history
     for reference, acknowledged in history.acknowledged.items():
