@@ -36,6 +36,7 @@ def fulfilment_out(f: Fulfilment) -> pb.Fulfilment:
         carrier=f.carrier,
         tracking_number=f.tracking_number,
         reason_code=f.reason_code,
+        cancel_on_arrival=f.cancel_on_arrival,
     )
     for field, value in (
         ("created_at", f.created_at),

@@ -97,6 +97,9 @@ class Fulfilment:
     collect_by: datetime | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    # The order was cancelled while this transfer was on the road: it ends
+    # when it arrives (the goods become the pickup store's stock).
+    cancel_on_arrival: bool = False
 
     @property
     def ended(self) -> bool:
@@ -179,6 +182,8 @@ def receive_transfer(f: Fulfilment) -> Fulfilment:
     if f.kind is not Kind.TRANSFER_TO_STORE:
         raise illegal(f, "received (only a transfer is received)")
     _need(f, "received", Status.SHIPPED)
+    if f.cancel_on_arrival:
+        return replace(f, status=Status.CANCELLED)
     return replace(f, status=Status.RECEIVED)
 
 
@@ -223,15 +228,10 @@ _CANCELLABLE = {
         Status.PACKED,
         Status.READY_FOR_PICKUP,
     ),
-    # Not while the goods are on the road: the pickup store receives them first.
-    Kind.TRANSFER_TO_STORE: (
-        Status.CREATED,
-        Status.ACCEPTED,
-        Status.PICKED,
-        Status.PACKED,
-        Status.RECEIVED,
-        Status.READY_FOR_PICKUP,
-    ),
+    # Staff stop a transfer only before it leaves; once the goods are on the
+    # road or at the pickup store, only the order's cancellation or the
+    # pickup's expiry ends it (see ``cancel_for_order``).
+    Kind.TRANSFER_TO_STORE: (Status.CREATED, Status.ACCEPTED, Status.PICKED, Status.PACKED),
 }
 
 
@@ -239,6 +239,34 @@ def cancel(f: Fulfilment, reason_code: str) -> Fulfilment:
     """Stop the work (see ``_CANCELLABLE`` for until when)."""
     _need(f, "cancelled", *_CANCELLABLE[f.kind])
     return replace(f, status=Status.CANCELLED, reason_code=reason_code)
+
+
+def cancel_for_order(f: Fulfilment, reason_code: str) -> Fulfilment:
+    """The order was cancelled: stop the work if its goods have not gone to the customer.
+
+    A transfer waiting at the pickup store ends now; one on the road is marked
+    to end when it arrives (the store still receives the goods). Anything
+    else follows ``cancel``.
+    """
+    if f.kind is Kind.TRANSFER_TO_STORE:
+        if f.status is Status.SHIPPED:
+            return replace(f, cancel_on_arrival=True, reason_code=reason_code)
+        if f.status in (Status.RECEIVED, Status.READY_FOR_PICKUP):
+            return replace(f, status=Status.CANCELLED, reason_code=reason_code)
+    return cancel(f, reason_code)
+
+
+def goods_location(f: Fulfilment) -> str:
+    """Where the task's goods are: the pickup store once a transfer arrived there."""
+    arrived = f.kind is Kind.TRANSFER_TO_STORE and f.status in (
+        Status.RECEIVED,
+        Status.READY_FOR_PICKUP,
+        Status.COLLECTED,
+        Status.EXPIRED,
+    )
+    if arrived or (f.kind is Kind.TRANSFER_TO_STORE and f.cancel_on_arrival):
+        return f.pickup_location_id
+    return f.location_id
 
 
 def expire_task(f: Fulfilment) -> Fulfilment:

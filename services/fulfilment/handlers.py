@@ -140,11 +140,12 @@ class FulfilmentHandlers:
             if f.location_id not in locations and f.pickup_location_id not in locations:
                 continue
             try:
-                stopped = domain.cancel(f, reason_code)
+                stopped = domain.cancel_for_order(f, reason_code)
             except FailedPrecondition:
-                continue  # the goods left already; routing knows what was cancelled
+                continue  # the goods went to the customer; routing knows what was cancelled
             await storage.save(conn, stopped)
-            events.append(self._cancelled(stopped))
+            if stopped.status is Status.CANCELLED:
+                events.append(self._cancelled(stopped))
         await outbox.append(conn, SCHEMA, PRODUCER, events)
 
     # -- queries --------------------------------------------------------------------------
@@ -329,7 +330,10 @@ class FulfilmentHandlers:
             lines=convert.lines(domain.picked_items(done)),
         )
         received.received_at.GetCurrentTime()
-        return done, [event("transfer_received", received, done)]
+        events = [event("transfer_received", received, done)]
+        if done.status is Status.CANCELLED:  # the order was cancelled on the way
+            events.append(self._cancelled(done))
+        return done, events
 
     def mark_ready(self, code: str) -> Step:
         """The goods wait at the pickup store; the code goes to the channel only."""
@@ -443,7 +447,7 @@ class FulfilmentHandlers:
             events_pb2.FulfilmentCancelled(
                 fulfilment_id=f.fulfilment_id,
                 order_id=f.order_id,
-                location_id=f.location_id,
+                location_id=domain.goods_location(f),
                 lines=convert.lines([(i.sku, i.quantity) for i in f.items]),
                 reason_code=f.reason_code,
             ),

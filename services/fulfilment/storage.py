@@ -95,6 +95,7 @@ def _fulfilment(r: asyncpg.Record, items: list[Item]) -> Fulfilment:
         collect_by=r["collect_by"],
         created_at=r["created_at"],
         updated_at=r["updated_at"],
+        cancel_on_arrival=r["cancel_on_arrival"],
     )
 
 
@@ -104,7 +105,7 @@ async def save(conn: Connection, f: Fulfilment) -> Fulfilment:
         """
         UPDATE fulfilment.fulfilments
         SET status = $2, carrier = $3, tracking_number = $4, reason_code = $5,
-            pickup_code_hash = $6, collect_by = $7, updated_at = now()
+            pickup_code_hash = $6, collect_by = $7, cancel_on_arrival = $8, updated_at = now()
         WHERE fulfilment_id = $1
         RETURNING updated_at
         """,
@@ -115,6 +116,7 @@ async def save(conn: Connection, f: Fulfilment) -> Fulfilment:
         f.reason_code,
         f.pickup_code_hash or None,
         f.collect_by,
+        f.cancel_on_arrival,
     )
     await conn.executemany(
         "UPDATE fulfilment.fulfilment_items SET picked_quantity = $3 "
@@ -131,11 +133,19 @@ async def queue(
     after: tuple[datetime, str] | None,
     limit: int,
 ) -> list[Fulfilment]:
-    """A location's tasks in ``statuses``, oldest first, after a page position."""
+    """A location's tasks in ``statuses``, oldest first, after a page position.
+
+    A pickup store's queue also holds the transfers coming to it once they are
+    on the road: it receives them, marks them ready and hands them over.
+    """
     rows = await conn.fetch(
         """
         SELECT * FROM fulfilment.fulfilments
-        WHERE location_id = $1 AND status = ANY($2::text[])
+        WHERE (location_id = $1
+               OR (pickup_location_id = $1 AND kind = 'transfer_to_store'
+                   AND status IN ('shipped', 'received', 'ready_for_pickup', 'collected',
+                                  'expired')))
+          AND status = ANY($2::text[])
           AND ($3::timestamptz IS NULL OR (created_at, fulfilment_id) > ($3, $4::uuid))
         ORDER BY created_at, fulfilment_id
         LIMIT $5

@@ -77,11 +77,12 @@ def fulfilment_consumer(context: ServiceContext, handlers: RoutingHandlers) -> E
 
     async def on_cancelled(conn: Connection, _: event_pb2.EventEnvelope, event: Any) -> None:
         # Work the order cancelled is CANCELLED already and unaffected; work a
-        # location cancelled on its own is routed elsewhere.
+        # location cancelled on its own is routed elsewhere (just its units).
+        stopped = _goods(event)
         await handlers.apply_fact(
             conn,
             event.order_id,
-            lambda o: domain.record_failure(o, event.location_id, None, new_ids()),
+            lambda o: domain.record_failure(o, event.location_id, stopped, new_ids()),
             cause="FULFILMENT_CANCELLED",
         )
 

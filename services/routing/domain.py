@@ -342,10 +342,19 @@ def open_units(order: Order, line_number: int) -> int:
     return max(0, line.quantity - line.cancelled - live)
 
 
+def _in_transfer(a: Allocation) -> bool:
+    """Goods on their way to, or waiting at, the pickup store (not yet the customer's)."""
+    return a.type is FulfilmentType.TRANSFER_TO_STORE and a.status is AllocationStatus.SHIPPED
+
+
 def cancellable_units(order: Order, line_number: int) -> int:
-    """Units of a line that have not left their source yet."""
+    """Units of a line the customer has not got: not yet left their source, or transferred
+    to the pickup store and not collected."""
     held = sum(a.quantity - a.fulfilled for a in order.held() if a.line_number == line_number)
-    return held + open_units(order, line_number)
+    moving = sum(
+        a.quantity for a in order.allocations if _in_transfer(a) and a.line_number == line_number
+    )
+    return held + moving + open_units(order, line_number)
 
 
 def open_needs(order: Order) -> tuple[Need, ...]:
@@ -569,9 +578,11 @@ def record_hold_short(
 def cancel_lines(
     order: Order, line_numbers: Sequence[int], new_ids: Iterable[str]
 ) -> tuple[Order, list[Allocation]]:
-    """Cancel what has not left its source on ``line_numbers``; the allocations cancelled.
+    """Cancel what the customer has not got on ``line_numbers``; the allocations cancelled.
 
-    Units already shipped stay shipped; only the open part of an allocation ends.
+    Units already shipped to the customer stay shipped; only the open part of
+    an allocation ends. Goods transferred to the pickup store are cancelled
+    whole (they stay in that store's stock).
     """
     ids = iter(new_ids)
     chosen = set(line_numbers)
@@ -579,6 +590,10 @@ def cancel_lines(
     changed: dict[str, Allocation] = {}
     added: list[Allocation] = []
     cancelled: list[Allocation] = []
+    for a in order.allocations:
+        if a.line_number in chosen and _in_transfer(a):
+            changed[a.allocation_id] = replace(a, status=AllocationStatus.CANCELLED)
+            cancelled.append(changed[a.allocation_id])
     for a in order.held():
         if a.line_number not in chosen or a.quantity == a.fulfilled:
             continue

@@ -786,7 +786,10 @@ class RoutingHandlers:
         _, cancelled = domain.cancel_lines(stored.order, chosen, new_ids())
         by_hold: dict[str, list[int]] = {}
         for a in cancelled:
-            by_hold.setdefault(a.reservation_id, []).append(a.reservation_line)
+            # A transfer that left its source used its hold there; the goods'
+            # hold at the pickup store ends with the transfer's cancellation.
+            if a.fulfilled < a.quantity:
+                by_hold.setdefault(a.reservation_id, []).append(a.reservation_line)
         for reservation_id, lines in sorted(by_hold.items()):
             await self.reservations.release(
                 f"{request_id}:{reservation_id}", reservation_id, sorted(set(lines)), reason_code

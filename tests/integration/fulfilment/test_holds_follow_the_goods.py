@@ -19,6 +19,7 @@ from omni.ledger.v1 import ledger_service_pb2 as ledger_pb
 from omni.reservation.v1 import events_pb2 as reservation_events
 from omni.reservation.v1 import reservation_service_pb2 as reservation_pb
 from omni.routing.v1 import resources_pb2 as routing_pb
+from omni.routing.v1 import routing_service_pb2 as routing_service_pb
 from omnistock.db import Pool
 from omnistock.messaging.envelope import unpack
 from tests.integration.conftest import eventually
@@ -247,3 +248,40 @@ async def test_shipped_units_are_never_offered_again_while_the_ledger_catches_up
     )
     (figure,) = final.availability[0].locations
     assert (figure.on_hand, figure.reserved, figure.available) == (2, 0, 2)
+
+
+async def test_a_transfer_whose_order_is_cancelled_on_the_road_becomes_the_stores_stock(
+    world: World, fulfilment: FulfilmentStub
+) -> None:
+    await world.build({"utrecht": ("store", UTRECHT), "tilburg": ("dc", TILBURG)})
+    (sku,) = world.skus
+    await world.stock(sku, "tilburg", 5)
+    await world.known_to_routing()
+    order = await world.route([(sku, 2)], pickup="utrecht")
+    transfer = await task_at(fulfilment, world.id("tilburg"), order.order_id)
+    await send_off(fulfilment, transfer, picked=2)
+    # On the road, the transfer is in the pickup store's queue: it will receive it.
+    incoming = await task_at(fulfilment, world.id("utrecht"), order.order_id)
+    assert incoming.fulfilment_id == transfer.fulfilment_id
+
+    cancelled = await world.routing.CancelOrder(
+        routing_service_pb.CancelOrderRequest(
+            request_id=rid(), order_id=order.order_id, reason_code="CUSTOMER_REQUEST"
+        )
+    )
+    assert cancelled.order.status == routing_pb.ORDER_STATUS_CANCELLED
+    # The goods still arrive: the store receives them into its own stock, for sale.
+    await eventually(
+        lambda: fulfilment.GetFulfilment(
+            pb.GetFulfilmentRequest(fulfilment_id=transfer.fulfilment_id)
+        ),
+        lambda found: found.fulfilment.cancel_on_arrival,
+    )
+    received = await fulfilment.ReceiveTransfer(
+        pb.ReceiveTransferRequest(request_id=rid(), fulfilment_id=transfer.fulfilment_id)
+    )
+    assert received.fulfilment.status == res.FULFILMENT_STATUS_CANCELLED
+    await eventually(lambda: sellable(world, sku, "utrecht"), lambda units: units == 2)
+    await eventually(lambda: world.available(sku, "utrecht"), lambda units: units == 2)
+    assert await world.held_lines(order.order_id) == {}
+    assert await world.available(sku, "tilburg") == 3

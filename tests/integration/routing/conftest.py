@@ -121,7 +121,8 @@ class World:
     async def stock(self, sku: str, name: str, quantity: int) -> None:
         """Receive ``quantity`` at a location and wait until reservation counts it."""
         location = self.id(name)
-        before = await self.available(sku, name)
+        # The reservation service learns new SKUs from the ledger's events.
+        before = await eventually(lambda: self.available(sku, name), lambda _: True)
         await self.ledger.PostMovements(
             ledger_pb.PostMovementsRequest(
                 movements=[
