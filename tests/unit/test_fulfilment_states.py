@@ -82,9 +82,27 @@ def test_a_transfer_is_received_before_it_is_ready() -> None:
     with pytest.raises(FailedPrecondition):
         domain.cancel(shipped, "CUSTOMER_REQUEST")  # on the road
     received = domain.receive_transfer(shipped)
+    assert domain.goods_location(received) == received.pickup_location_id
     ready = domain.mark_ready(received, "123456", SECRET)
     assert domain.expire_pickup(ready).status is Status.EXPIRED
-    assert domain.cancel(ready, "CUSTOMER_REQUEST").status is Status.CANCELLED
+    # Staff cannot cancel goods waiting at the pickup store; the order's cancellation can.
+    with pytest.raises(FailedPrecondition):
+        domain.cancel(ready, "NO_SPACE")
+    assert domain.cancel_for_order(ready, "CUSTOMER_REQUEST").status is Status.CANCELLED
+
+
+def test_a_transfer_whose_order_is_cancelled_on_the_road_ends_when_it_arrives() -> None:
+    f, _ = domain.confirm_pick(
+        domain.accept(task(Kind.TRANSFER_TO_STORE)), {"JKT-M": 2, "SCF-OS": 1}
+    )
+    shipped = domain.ship(domain.pack(f), "own-van", "TR-1")
+    assert domain.goods_location(shipped) == shipped.location_id
+    flagged = domain.cancel_for_order(shipped, "CUSTOMER_REQUEST")
+    assert (flagged.status, flagged.cancel_on_arrival) == (Status.SHIPPED, True)
+    assert domain.goods_location(flagged) == flagged.pickup_location_id
+    arrived = domain.receive_transfer(flagged)
+    assert arrived.status is Status.CANCELLED
+    assert arrived.reason_code == "CUSTOMER_REQUEST"
 
 
 def test_kinds_refuse_steps_that_are_not_theirs() -> None:
