@@ -24,9 +24,9 @@ def routing_consumer(context: ServiceContext, handlers: FulfilmentHandlers) -> E
         await handlers.create_for_plan(conn, event.order)
 
     async def on_cancelled(conn: Connection, _: event_pb2.EventEnvelope, event: Any) -> None:
-        locations = {a.location_id for a in event.cancelled_allocations}
+        cancelled = {(a.location_id, a.line_number) for a in event.cancelled_allocations}
         await handlers.cancel_for_order(
-            conn, event.order.order_id, locations, event.reason_code or "ORDER_CANCELLED"
+            conn, event.order.order_id, cancelled, event.reason_code or "ORDER_CANCELLED"
         )
 
     return consumer(

@@ -9,6 +9,7 @@ FAILED_PRECONDITION with reason ILLEGAL_TRANSITION naming the current state.
     transfer to store:     created → accepted → picked → packed → shipped (in transit)
                            → received (at the pickup store) → ready → collected | expired
     from created:          rejected (by the location, or not accepted in time)
+    from accepted:         rejected (by the location), or by picking nothing
     until goods leave:     cancelled
 """
 
@@ -97,8 +98,8 @@ class Fulfilment:
     collect_by: datetime | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
-    # The order was cancelled while this transfer was on the road: it ends
-    # when it arrives (the goods become the pickup store's stock).
+    # The order was cancelled after this transfer left its source: it ends
+    # when it arrives, at once if it had (the goods become the store's stock).
     cancel_on_arrival: bool = False
 
     @property
@@ -252,8 +253,20 @@ def cancel_for_order(f: Fulfilment, reason_code: str) -> Fulfilment:
         if f.status is Status.SHIPPED:
             return replace(f, cancel_on_arrival=True, reason_code=reason_code)
         if f.status in (Status.RECEIVED, Status.READY_FOR_PICKUP):
-            return replace(f, status=Status.CANCELLED, reason_code=reason_code)
+            return replace(
+                f, status=Status.CANCELLED, cancel_on_arrival=True, reason_code=reason_code
+            )
     return cancel(f, reason_code)
+
+
+def drop_lines(f: Fulfilment, line_numbers: set[int]) -> Fulfilment:
+    """Some of the order's lines were cancelled: the task goes on without their items.
+
+    Only before the goods leave (as ``cancel``): a parcel can be repacked, not
+    recalled.
+    """
+    _need(f, "changed", *_CANCELLABLE[f.kind])
+    return replace(f, items=tuple(i for i in f.items if i.line_number not in line_numbers))
 
 
 def goods_location(f: Fulfilment) -> str:

@@ -132,20 +132,33 @@ class FulfilmentHandlers:
         await outbox.append(conn, SCHEMA, PRODUCER, created)
 
     async def cancel_for_order(
-        self, conn: Connection, order_id: str, locations: set[str], reason_code: str
+        self,
+        conn: Connection,
+        order_id: str,
+        cancelled: set[tuple[str, int]],
+        reason_code: str,
     ) -> None:
-        """Stop the open tasks of an order's cancelled allocations where that is still possible."""
+        """Stop the work of cancelled order lines (``cancelled``: (source, line number)).
+
+        A task all of whose lines were cancelled stops (where that is still
+        possible); one with other lines goes on without the cancelled ones.
+        """
         events = []
         for f in await storage.open_for_order(conn, order_id):
-            if f.location_id not in locations and f.pickup_location_id not in locations:
+            lines = {n for location, n in cancelled if location == f.location_id}
+            gone = [i for i in f.items if i.line_number in lines]
+            if not gone:
                 continue
             try:
-                stopped = domain.cancel_for_order(f, reason_code)
+                if len(gone) == len(f.items):
+                    changed = domain.cancel_for_order(f, reason_code)
+                else:
+                    changed = domain.drop_lines(f, lines)
             except FailedPrecondition:
                 continue  # the goods went to the customer; routing knows what was cancelled
-            await storage.save(conn, stopped)
-            if stopped.status is Status.CANCELLED:
-                events.append(self._cancelled(stopped))
+            await storage.save(conn, changed)
+            if changed.status is Status.CANCELLED:
+                events.append(self._cancelled(changed))
         await outbox.append(conn, SCHEMA, PRODUCER, events)
 
     # -- queries --------------------------------------------------------------------------
@@ -184,7 +197,7 @@ class FulfilmentHandlers:
             raise InvalidArgument(problems)
         limit = page_size or DEFAULT_PAGE_SIZE
         async with self.pool.acquire() as conn:
-            found = await storage.queue(conn, location_id, wanted or list(OPEN), after, limit + 1)
+            found = await storage.queue(conn, location_id, wanted, after, limit + 1)
         page, more = found[:limit], len(found) > limit
         token = ""
         last_created = page[-1].created_at if page else None
@@ -401,13 +414,17 @@ class FulfilmentHandlers:
                     cause = events_pb2.EXPIRY_CAUSE_PICKUP_NOT_COLLECTED
                     causes.append("not_collected")
                 await storage.save(conn, done)
+                not_collected = cause == events_pb2.EXPIRY_CAUSE_PICKUP_NOT_COLLECTED
                 expired = events_pb2.FulfilmentExpired(
                     fulfilment_id=done.fulfilment_id,
                     order_id=done.order_id,
-                    location_id=done.pickup_location_id or done.location_id
-                    if cause == events_pb2.EXPIRY_CAUSE_PICKUP_NOT_COLLECTED
-                    else done.location_id,
-                    lines=convert.lines(domain.picked_items(done)),
+                    location_id=domain.goods_location(done),
+                    # What waited at the store, or the work nobody accepted.
+                    lines=convert.lines(
+                        domain.picked_items(done)
+                        if not_collected
+                        else [(i.sku, i.quantity) for i in done.items]
+                    ),
                     cause=cause,
                 )
                 events.append(event("expired", expired, done))

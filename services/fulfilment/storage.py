@@ -123,6 +123,13 @@ async def save(conn: Connection, f: Fulfilment) -> Fulfilment:
         "WHERE fulfilment_id = $1 AND sku = $2",
         [(uuid.UUID(f.fulfilment_id), i.sku, i.picked) for i in f.items],
     )
+    # Items of order lines cancelled while the task goes on.
+    await conn.execute(
+        "DELETE FROM fulfilment.fulfilment_items "
+        "WHERE fulfilment_id = $1 AND line_number <> ALL($2::int[])",
+        uuid.UUID(f.fulfilment_id),
+        [i.line_number for i in f.items],
+    )
     return replace(f, updated_at=updated_at)
 
 
@@ -136,16 +143,26 @@ async def queue(
     """A location's tasks in ``statuses``, oldest first, after a page position.
 
     A pickup store's queue also holds the transfers coming to it once they are
-    on the road: it receives them, marks them ready and hands them over.
+    on the road: it receives them, marks them ready and hands them over. With
+    no ``statuses``, the location's work to do: tasks not yet shipped, pickups
+    waiting, and transfers coming to it or waiting there.
     """
     rows = await conn.fetch(
         """
         SELECT * FROM fulfilment.fulfilments
-        WHERE (location_id = $1
-               OR (pickup_location_id = $1 AND kind = 'transfer_to_store'
-                   AND status IN ('shipped', 'received', 'ready_for_pickup', 'collected',
-                                  'expired')))
-          AND status = ANY($2::text[])
+        WHERE CASE WHEN cardinality($2::text[]) > 0 THEN
+                  (location_id = $1
+                   OR (pickup_location_id = $1 AND kind = 'transfer_to_store'
+                       AND status IN ('shipped', 'received', 'ready_for_pickup', 'collected',
+                                      'expired')))
+                  AND status = ANY($2::text[])
+              ELSE
+                  (location_id = $1 AND status IN ('created', 'accepted', 'picked', 'packed'))
+                  OR (location_id = $1 AND kind = 'pickup_at_store'
+                      AND status = 'ready_for_pickup')
+                  OR (pickup_location_id = $1 AND kind = 'transfer_to_store'
+                      AND status IN ('shipped', 'received', 'ready_for_pickup'))
+              END
           AND ($3::timestamptz IS NULL OR (created_at, fulfilment_id) > ($3, $4::uuid))
         ORDER BY created_at, fulfilment_id
         LIMIT $5

@@ -327,6 +327,25 @@ def check_cancel(order: Order, line_numbers: Sequence[int], reason_code: str) ->
             + ": it was shipped, collected or cancelled already.",
             {"order_id": order.order_id},
         )
+    kept = set(numbers) - set(chosen)
+    for a in order.allocations:
+        if a.line_number in chosen and _in_transfer(a):
+            shared = [
+                b.line_number
+                for b in order.allocations
+                if b.line_number in kept
+                and b.type is FulfilmentType.TRANSFER_TO_STORE
+                and b.status is AllocationStatus.SHIPPED
+                and (b.location_id, b.pickup_location_id) == (a.location_id, a.pickup_location_id)
+            ]
+            if shared:
+                raise FailedPrecondition(
+                    "TRANSFER_ON_ITS_WAY",
+                    f"Line {a.line_number} travels to {a.pickup_location_id} in one transfer "
+                    f"with line {shared[0]}; cancel both lines or neither until it is collected "
+                    "or the pickup expires.",
+                    {"order_id": order.order_id, "line_number": str(a.line_number)},
+                )
     return [n for n in chosen if cancellable[n]]
 
 

@@ -167,3 +167,12 @@ def test_any_sequence_keeps_the_machine_sound(kind: Kind, steps: list[str]) -> N
             assert kind.ships
         if f.status is Status.RECEIVED:
             assert kind is Kind.TRANSFER_TO_STORE
+
+
+def test_a_task_goes_on_without_cancelled_lines_until_its_goods_leave() -> None:
+    f = domain.accept(task())
+    assert [i.sku for i in domain.drop_lines(f, {1}).items] == ["SCF-OS"]
+    picked, _ = domain.confirm_pick(f, {"JKT-M": 2, "SCF-OS": 1})
+    shipped = domain.ship(domain.pack(picked), "postnl", "3S")
+    with pytest.raises(FailedPrecondition):
+        domain.drop_lines(shipped, {1})

@@ -1073,3 +1073,24 @@ def test_units_on_a_transfer_are_counted_at_the_pickup_store_until_collected() -
     assert transferred_to_pickup(collected) == {}
     expired = record_pickup_expired(shipped, "s-utr")
     assert transferred_to_pickup(expired) == {}
+
+
+def test_lines_travelling_in_one_transfer_are_cancelled_together_or_not_at_all() -> None:
+    two_in_one = order(
+        [("sku-a", 1), ("sku-b", 2)],
+        [
+            alloc("t1", 1, "sku-a", "dc-til", 1, TRANSFER, pickup="s-utr", reservation_line=1),
+            alloc("t2", 2, "sku-b", "dc-til", 2, TRANSFER, pickup="s-utr", reservation_line=2),
+        ],
+        method=Method.CLICK_AND_COLLECT,
+        pickup="s-utr",
+    )
+    on_its_way = record_shipped(two_in_one, "dc-til", [Quantity("sku-a", 1), Quantity("sku-b", 2)])
+    refused = precondition(lambda: check_cancel(on_its_way, [1], "CHANGED_MIND"))
+    assert refused.reason == "TRANSFER_ON_ITS_WAY"
+    assert check_cancel(on_its_way, [], "CHANGED_MIND") == [1, 2]
+    after, gone = cancel_lines(on_its_way, [1, 2], ids())
+    assert {a.allocation_id for a in gone} == {"t1", "t2"}
+    assert settle(after, NOW).status is OrderStatus.CANCELLED
+    # Before the transfer leaves, one line may go alone.
+    assert check_cancel(two_in_one, [1], "CHANGED_MIND") == [1]

@@ -285,3 +285,38 @@ async def test_a_transfer_whose_order_is_cancelled_on_the_road_becomes_the_store
     await eventually(lambda: world.available(sku, "utrecht"), lambda units: units == 2)
     assert await world.held_lines(order.order_id) == {}
     assert await world.available(sku, "tilburg") == 3
+
+
+async def test_a_transfer_waiting_at_the_pickup_store_lets_its_goods_go_when_the_order_is_cancelled(
+    world: World, fulfilment: FulfilmentStub
+) -> None:
+    await world.build({"utrecht": ("store", UTRECHT), "tilburg": ("dc", TILBURG)})
+    (sku,) = world.skus
+    await world.stock(sku, "tilburg", 5)
+    await world.known_to_routing()
+    order = await world.route([(sku, 2)], pickup="utrecht")
+    transfer = await task_at(fulfilment, world.id("tilburg"), order.order_id)
+    await send_off(fulfilment, transfer, picked=2)
+    await fulfilment.ReceiveTransfer(
+        pb.ReceiveTransferRequest(request_id=rid(), fulfilment_id=transfer.fulfilment_id)
+    )
+    await eventually(
+        lambda: world.held_lines(order.order_id),
+        lambda held: held == {(sku, world.id("utrecht")): 2},
+    )
+
+    await world.routing.CancelOrder(
+        routing_service_pb.CancelOrderRequest(
+            request_id=rid(), order_id=order.order_id, reason_code="CUSTOMER_REQUEST"
+        )
+    )
+    ended = await eventually(
+        lambda: fulfilment.GetFulfilment(
+            pb.GetFulfilmentRequest(fulfilment_id=transfer.fulfilment_id)
+        ),
+        lambda found: found.fulfilment.status == res.FULFILMENT_STATUS_CANCELLED,
+    )
+    assert ended.fulfilment.cancel_on_arrival
+    await eventually(lambda: world.held_lines(order.order_id), lambda held: held == {})
+    await eventually(lambda: world.available(sku, "utrecht"), lambda units: units == 2)
+    assert await sellable(world, sku, "utrecht") == 2

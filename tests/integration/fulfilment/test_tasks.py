@@ -12,6 +12,7 @@ from omni.fulfilment.v1 import fulfilment_service_pb2 as pb
 from omni.fulfilment.v1 import resources_pb2 as res
 from omni.ledger.v1 import ledger_service_pb2 as ledger_pb
 from omni.routing.v1 import resources_pb2 as routing_pb
+from omni.routing.v1 import routing_service_pb2 as routing_service_pb
 from tests.integration.conftest import eventually
 from tests.integration.fulfilment.conftest import FulfilmentStub
 from tests.integration.helpers import failure
@@ -146,3 +147,56 @@ async def test_ship_from_store_end_to_end_and_a_pickup_needs_its_code(
         pb.GetFulfilmentRequest(fulfilment_id=pickup_task.fulfilment_id)
     )
     assert still.fulfilment.status == res.FULFILMENT_STATUS_READY_FOR_PICKUP
+
+
+async def test_a_cancelled_line_leaves_the_task_and_a_shipped_task_leaves_the_queue(
+    world: World, fulfilment: FulfilmentStub
+) -> None:
+    await world.build({"utrecht": ("store", UTRECHT)}, skus=2)
+    kept_sku, dropped_sku = world.skus
+    await world.stock(kept_sku, "utrecht", 2)
+    await world.stock(dropped_sku, "utrecht", 2)
+    await world.known_to_routing()
+    order = await world.route([(kept_sku, 1), (dropped_sku, 1)], to=NIEUWEGEIN)
+    (task,) = await eventually(
+        lambda: queue(fulfilment, world.id("utrecht")), lambda q: len(q) == 1
+    )
+    assert {i.sku for i in task.items} == {kept_sku, dropped_sku}
+
+    await world.routing.CancelOrder(
+        routing_service_pb.CancelOrderRequest(
+            request_id=rid(), order_id=order.order_id, line_numbers=[2], reason_code="CHANGED_MIND"
+        )
+    )
+    changed = await eventually(
+        lambda: fulfilment.GetFulfilment(pb.GetFulfilmentRequest(fulfilment_id=task.fulfilment_id)),
+        lambda found: len(found.fulfilment.items) == 1,
+    )
+    assert changed.fulfilment.status == res.FULFILMENT_STATUS_CREATED
+    assert [i.sku for i in changed.fulfilment.items] == [kept_sku]
+    assert await world.held_lines(order.order_id) == {(kept_sku, world.id("utrecht")): 1}
+
+    fid = task.fulfilment_id
+    await fulfilment.AcceptFulfilment(
+        pb.AcceptFulfilmentRequest(request_id=rid(), fulfilment_id=fid)
+    )
+    pick = pb.ConfirmPickRequest(request_id=rid(), fulfilment_id=fid)
+    pick.lines.add(sku=kept_sku, picked_quantity=1)
+    await fulfilment.ConfirmPick(pick)
+    await fulfilment.PackFulfilment(pb.PackFulfilmentRequest(request_id=rid(), fulfilment_id=fid))
+    await fulfilment.ShipFulfilment(
+        pb.ShipFulfilmentRequest(
+            request_id=rid(), fulfilment_id=fid, carrier="postnl", tracking_number="3S2"
+        )
+    )
+    # Done work leaves the store's queue; asking for shipped tasks still finds it.
+    assert await queue(fulfilment, world.id("utrecht")) == []
+    shipped = await fulfilment.ListFulfilments(
+        pb.ListFulfilmentsRequest(
+            location_id=world.id("utrecht"), statuses=[res.FULFILMENT_STATUS_SHIPPED]
+        )
+    )
+    assert [f.fulfilment_id for f in shipped.fulfilments] == [fid]
+    await eventually(
+        lambda: world.get(order.order_id), lambda o: o.status == routing_pb.ORDER_STATUS_FULFILLED
+    )
