@@ -10,7 +10,7 @@ PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen run test test-unit test-integration lint typecheck buf-lint deploy-check check bench audit clean distclean
+.PHONY: help install gen run demo test test-unit test-integration lint typecheck buf-lint deploy-check check bench audit clean distclean
 
 help: ## Show the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ gen: $(GEN)/.stamp ## Generate Python code from protos/.
 
 run: gen ## Install, start embedded PostgreSQL + NATS (or use OMNI_DATABASE_URL / OMNI_NATS_URL) and every service.
 	$(BIN)/omni dev run
+
+demo: gen ## Play the omnichannel journey against the stack `make run` started (in another terminal).
+	$(BIN)/omni demo journey
 
 test: gen ## Run the whole test suite (starts its own PostgreSQL and nats-server).
 	$(BIN)/pytest

@@ -20,6 +20,7 @@ from omnistock.migrations import migrate
 from omnistock.nats_client import connect
 from omnistock.settings import Settings
 from services.demo import DemoSummary, load_demo, read_demo
+from services.journey import JourneyConfig, JourneyFailed, run_journey
 from services.ledger.audit import audit
 from services.registry import SERVICES, STREAMS_FILE, all_migrations, prepare_all
 
@@ -147,6 +148,24 @@ def demo_load(
 ) -> None:
     """Load the demo network into a running system (idempotent)."""
     typer.echo(f"{asyncio.run(_load(ledger_address, reservation_address))}")
+
+
+@demo.command("journey")
+def demo_journey(
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for each asynchronous effect.")
+    ] = 30.0,
+) -> None:
+    """Play one customer's omnichannel journey against the running services, step by step.
+
+    Needs the demo network (`make run` loads it). Exits 1 naming the step that failed.
+    """
+    config = JourneyConfig.from_settings(Settings(), timeout=timeout)
+    try:
+        asyncio.run(run_journey(config, typer.echo))
+    except JourneyFailed as failed:
+        typer.echo(f"\nThe journey failed at {failed}", err=True)
+        raise typer.Exit(1) from failed
 
 
 def _nats_url(settings: Settings) -> str:
