@@ -9,8 +9,11 @@ its own SKUs and locations with fresh ids.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeAlias
 
 import asyncpg
@@ -35,23 +38,36 @@ from services.ledger.app import SPEC as LEDGER
 from services.registry import prepare_all
 
 
+@contextmanager
+def throwaway_servers(prefix: str) -> Iterator[EmbeddedStack]:
+    """An embedded PostgreSQL (fsync off) and nats-server in a folder of their own.
+
+    Not under pytest's temporary root: another pytest session on the machine
+    prunes old folders there and takes away the access the embedded PostgreSQL
+    (an unprivileged user when run as root) needs to its data.
+    """
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        servers = EmbeddedStack(
+            state_dir=Path(folder),
+            postgres_port=free_port(),
+            nats_port=free_port(),
+            nats_monitor_port=free_port(),
+            durable=False,
+        )
+        servers.start()
+        try:
+            yield servers
+        finally:
+            servers.stop()
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
-    """PostgreSQL (fsync off: throw-away data) and nats-server for the whole session."""
+def stack() -> Iterator[EmbeddedStack]:
+    """PostgreSQL and nats-server for the whole session, prepared like ``omni dev run``."""
     configure_logging("WARNING", "console")
-    embedded = EmbeddedStack(
-        state_dir=tmp_path_factory.mktemp("stack"),
-        postgres_port=free_port(),
-        nats_port=free_port(),
-        nats_monitor_port=free_port(),
-        durable=False,
-    )
-    embedded.start()
-    try:
-        asyncio.run(prepare_all(embedded.database_url, embedded.nats_url))
-        yield embedded
-    finally:
-        embedded.stop()
+    with throwaway_servers("omnistock-tests-") as servers:
+        asyncio.run(prepare_all(servers.database_url, servers.nats_url))
+        yield servers
 
 
 @pytest.fixture(scope="session")

@@ -14,42 +14,25 @@ of every service's log.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import AsyncIterator, Generator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 
-from omnistock.devstack.ports import free_port
 from omnistock.devstack.stack import EmbeddedStack
 from omnistock.logs import configure_logging
 from services.registry import prepare_all
+from tests.conftest import throwaway_servers
 from tests.e2e.harness import ProcessStack, StackStarter, active_stacks, open_process_stack
 
 
 @pytest.fixture(scope="session")
 def e2e_servers() -> Iterator[EmbeddedStack]:
-    """PostgreSQL (fsync off: throw-away data) and nats-server for the e2e session.
-
-    Their folder is not under pytest's temporary root: every pytest session that
-    starts takes the other users' access to that root away again, and as root the
-    embedded PostgreSQL runs as an unprivileged user that must reach its data.
-    """
+    """PostgreSQL and nats-server for the e2e session (each stack prepares its own database)."""
     configure_logging("WARNING", "console")
-    with tempfile.TemporaryDirectory(prefix="omnistock-e2e-") as folder:
-        servers = EmbeddedStack(
-            state_dir=Path(folder),
-            postgres_port=free_port(),
-            nats_port=free_port(),
-            nats_monitor_port=free_port(),
-            durable=False,
-        )
-        servers.start()
-        try:
-            yield servers
-        finally:
-            servers.stop()
+    with throwaway_servers("omnistock-e2e-") as servers:
+        yield servers
 
 
 @pytest.fixture(scope="session")
