@@ -605,19 +605,8 @@ class ReservationHandlers:
             changed, _ = _take_units(held, rows, location_id, lines, now, domain.release_units)
             return changed
 
-        for reservation, changed in await self._change_order_holds(
-            conn, order_id, location_id, release_missing
-        ):
-            ended = [line for line in changed if line.status is not LineStatus.ACTIVE]
-            m.ENDED_LINES.labels("released").inc(len(ended))
-            event = events_pb2.ReservationReleased(
-                reservation=convert.reservation_out(reservation),
-                line_numbers=[line.line_number for line in changed],
-                reason_code=reason_code,
-            )
-            await outbox.append(
-                conn, SCHEMA, PRODUCER, [_outgoing("reservation.released", event, reservation)]
-            )
+        released = await self._change_order_holds(conn, order_id, location_id, release_missing)
+        await self._announce_released(conn, released, reason_code)
 
     async def hold_arrived_transfer(
         self,
@@ -718,10 +707,19 @@ class ReservationHandlers:
                 out.append((released, lines))
             return out
 
-        for reservation, lines in await self._change_order_holds(
-            conn, order_id, location_id, release_all
-        ):
-            m.ENDED_LINES.labels("released").inc(len(lines))
+        released = await self._change_order_holds(conn, order_id, location_id, release_all)
+        await self._announce_released(conn, released, reason_code)
+
+    async def _announce_released(
+        self,
+        conn: Connection,
+        released: list[tuple[domain.Reservation, list[domain.Line]]],
+        reason_code: str,
+    ) -> None:
+        """ReservationReleased for each reservation whose lines (some units of them) ended."""
+        for reservation, lines in released:
+            ended = [line for line in lines if line.status is not LineStatus.ACTIVE]
+            m.ENDED_LINES.labels("released").inc(len(ended))
             event = events_pb2.ReservationReleased(
                 reservation=convert.reservation_out(reservation),
                 line_numbers=[line.line_number for line in lines],
