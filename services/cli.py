@@ -19,8 +19,8 @@ from omnistock.messaging.dead_letters import read_dead_letters, replay
 from omnistock.migrations import migrate
 from omnistock.nats_client import connect
 from omnistock.settings import Settings
-from services.demo import DemoSummary, load_demo, read_demo
-from services.journey import JourneyConfig, JourneyFailed, run_journey
+from services.demo.journey import JourneyConfig, JourneyFailed, run_journey
+from services.demo.network import DemoSummary, load_demo, read_demo
 from services.ledger.audit import audit
 from services.registry import SERVICES, STREAMS_FILE, all_migrations, prepare_all
 

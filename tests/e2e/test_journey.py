@@ -11,14 +11,14 @@ from __future__ import annotations
 from omni.reservation.v1 import reservation_service_pb2 as reservation_pb
 from omni.reservation.v1 import resources_pb2 as reservation_res
 from omni.routing.v1 import resources_pb2 as routing_res
-from services.demo import load_demo, read_demo
-from services.journey import (
+from services.demo.journey import (
     BROTHER_STORE,
     PICKUP_STORE,
     SKU,
     JourneyConfig,
     run_journey,
 )
+from services.demo.network import load_demo, read_demo
 from tests.e2e.harness import ProcessStack, assert_consistent, order_of, run_cli
 
 

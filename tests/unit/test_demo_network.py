@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from omni.common.v1 import types_pb2
-from services.demo import build_locations, build_opening_stock, build_skus, read_demo
+from services.demo.network import build_locations, build_opening_stock, build_skus, read_demo
 
 
 def ean13_valid(code: str) -> bool:

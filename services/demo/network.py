@@ -31,7 +31,7 @@ from omni.reservation.v1 import reservation_service_pb2 as reservation_pb
 from omni.reservation.v1 import reservation_service_pb2_grpc as reservation_grpc
 from omni.reservation.v1 import resources_pb2 as reservation_resources
 
-DEMO_FILE = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "network.yaml"
+DEMO_FILE = Path(__file__).resolve().parents[2] / "deploy" / "demo" / "network.yaml"
 SEED_DEVICE = "demo-opening-stock"
 _KINDS = {
     "store": types_pb2.LOCATION_KIND_STORE,
