@@ -471,6 +471,11 @@ class ReservationHandlers:
             row = rows.setdefault(key, StockRow(*key))
             before = row.on_hand
             known = versions.get(key, 0)
+            if facts.fulfilment_id and facts.kind in DEPARTURE_KINDS:
+                # Matched even when on-hand went past this posting already (a resync
+                # after a redelivered older event): the inbox applies an event once,
+                # and an unmatched departure would keep its units out of sale.
+                departed[key] = departed.get(key, 0) + max(0, -posting.quantity_delta)
             if posting.balance_version <= known:
                 continue  # applied before (a resync already went past it)
             if posting.balance_version == known + 1:
@@ -487,17 +492,16 @@ class ReservationHandlers:
                     got_version=posting.balance_version,
                 )
             lost[key] = lost.get(key, 0) + max(0, before - row.on_hand)
-            if facts.fulfilment_id and facts.kind in DEPARTURE_KINDS:
-                departed[key] = departed.get(key, 0) + max(0, -posting.quantity_delta)
             changes.add(row)
-        if not changes.rows:
-            return
         if facts.fulfilment_id:
             by_location: dict[str, dict[str, tuple[int, int]]] = {}
             for (sku, location_id), units in departed.items():
                 by_location.setdefault(location_id, {})[sku] = (0, units)
+                changes.add(rows[(sku, location_id)])
             for location_id, more in by_location.items():
                 await self._track_departures(conn, facts.fulfilment_id, location_id, rows, more)
+        if not changes.rows:
+            return
         await storage.save_stock(conn, changes.rows.values(), versions)
         events: list[OutgoingEvent] = []
         for key, row in sorted(changes.rows.items()):

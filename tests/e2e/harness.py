@@ -70,6 +70,8 @@ from omnistock.devstack.nats import EmbeddedNats
 from omnistock.devstack.ports import free_port
 from omnistock.devstack.stack import EmbeddedStack
 from omnistock.grpc.health import health_check
+from omnistock.messaging.dead_letters import DLQ_STREAM, DeadLetter, read_dead_letters
+from omnistock.nats_client import connect
 from omnistock.settings import ServiceName, Settings
 from services.ledger.audit import audit
 from services.registry import REPO_ROOT, prepare_all
@@ -1049,6 +1051,39 @@ async def assert_consistent(
                 f"the system is not consistent after {within} s:\n  {listed}{more}"
             )
         await asyncio.sleep(0.2)
+
+
+async def dead_letters(stack: ProcessStack, *, last: int = 20) -> tuple[int, list[DeadLetter]]:
+    """How many messages the stack's dead-letter stream holds, and the newest ``last``.
+
+    A dead letter is an event a consumer gave up on after its retries.
+    """
+    client = await connect(stack.nats_url, name="omnistock-e2e-dlq")
+    try:
+        js = client.jetstream()
+        info = await js.stream_info(DLQ_STREAM)
+        count = info.state.messages
+        letters = await read_dead_letters(js, last=last) if count else []
+    finally:
+        await client.close()
+    return count, letters
+
+
+async def consumer_failures(stack: ProcessStack) -> list[str]:
+    """Every handler failure a service's consumers counted (retried, or dead-lettered)."""
+    pool = await stack.pool()
+    found: list[str] = []
+    for schema in SERVICES:
+        rows = await pool.fetch(
+            f"SELECT consumer, event_id, failures, last_error FROM {schema}.consumer_failures "
+            "ORDER BY updated_at"
+        )
+        found += [
+            f"{row['consumer']} failed {row['failures']}x on event {row['event_id']}: "
+            f"{row['last_error']}"
+            for row in rows
+        ]
+    return found
 
 
 async def fresh_database(admin_url: str) -> str:

@@ -1,0 +1,68 @@
+"""A shipment's two events meet however they arrive, even after a projection resync.
+
+The reservation service hears of a shipment twice: fulfilment's event consumes
+the order hold, and the ledger's StockMoved lowers on-hand. Until both are in,
+the units count as departing. After a crash the ledger's event can come back
+late, once a resync has moved on-hand past its version; it must still end the
+departure, or the units would stay out of sale for good. These tests call the
+service's handlers on the real database, in the order a redelivery produces.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from omnistock.db import Connection, Pool, unit_of_work
+from omnistock.settings import Settings
+from services.reservation.handlers import Posting, ReservationHandlers, StockMovedFacts
+from tests.integration.reservation.conftest import ORDER, Shop
+
+
+async def test_a_departure_the_projection_went_past_still_ends_the_departing_units(
+    shop: Shop, pool: Pool, settings: Settings
+) -> None:
+    sku, store = shop.skus[0], shop.stores[0]
+    await shop.stock(sku, store, 5)
+    order_id = f"order-{uuid.uuid4().hex[:8]}"
+    await shop.reserve([(sku, store, 2)], kind=ORDER, reference=order_id)
+    handlers = ReservationHandlers(pool, ledger_target=settings.grpc_target("ledger"))
+    fulfilment_id = f"f-{uuid.uuid4().hex[:8]}"
+
+    async def consume(conn: Connection) -> None:
+        await handlers.consume_for_fulfilment(
+            conn,
+            fulfilment_id=fulfilment_id,
+            order_id=order_id,
+            location_id=store,
+            lines=[(sku, 2)],
+        )
+
+    await unit_of_work(pool, consume)
+    consumed = await shop.figure(sku, store)
+    assert (consumed.on_hand, consumed.reserved, consumed.available) == (5, 2, 3)
+
+    known: int = await pool.fetchval(
+        "SELECT ledger_version FROM reservation.stock WHERE sku = $1 AND location_id = $2",
+        sku,
+        store,
+    )
+    # The shipment's StockMoved, redelivered after a resync went past its version.
+    late = StockMovedFacts(
+        kind="shipment",
+        recorded_at=datetime.now(UTC),
+        postings=(Posting(sku, store, 3, known, -2),),
+        fulfilment_id=fulfilment_id,
+    )
+
+    async def apply(conn: Connection) -> None:
+        await handlers.apply_stock_moved(conn, late)
+
+    await unit_of_work(pool, apply)
+    after = await shop.figure(sku, store)
+    # On-hand is the projection's (the resync's), untouched; nothing is departing.
+    assert (after.on_hand, after.reserved, after.available) == (5, 0, 5)
+    left = await pool.fetchval(
+        "SELECT count(*) FROM reservation.departures WHERE fulfilment_id = $1", fulfilment_id
+    )
+    assert left == 0
