@@ -1,4 +1,10 @@
-"""Shared pieces of the benchmarks: a throw-away embedded stack and timing helpers."""
+"""Shared pieces of the benchmarks: a throw-away embedded stack and timing helpers.
+
+The stack authenticates as in production: :func:`bench_stack` makes a
+development key and exports ``OMNI_AUTH_JWKS_FILE`` and
+``OMNI_SERVICE_TOKEN_FILE`` for the benchmark process and the services it
+starts, and :func:`bench_channel` opens channels carrying the service token.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +23,11 @@ from pathlib import Path
 
 import grpc
 
+from omnistock.auth.dev import DevAuth
 from omnistock.devstack.ports import free_port
 from omnistock.devstack.stack import EmbeddedStack
+from omnistock.grpc.client import ChannelFactory, ChannelOptions
+from omnistock.settings import Settings
 from services.registry import prepare_all
 
 
@@ -26,6 +35,9 @@ from services.registry import prepare_all
 async def bench_stack() -> AsyncIterator[EmbeddedStack]:
     """A durable embedded PostgreSQL + nats-server in a temporary folder, prepared."""
     with tempfile.TemporaryDirectory(prefix="omnistock-bench-") as folder:
+        auth_env = DevAuth.ensure(Path(folder) / "auth").env()
+        saved = {name: os.environ.get(name) for name in auth_env}
+        os.environ.update(auth_env)
         stack = EmbeddedStack(Path(folder), free_port(), free_port(), free_port(), durable=True)
         stack.start()
         try:
@@ -33,6 +45,16 @@ async def bench_stack() -> AsyncIterator[EmbeddedStack]:
             yield stack
         finally:
             stack.stop()
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def bench_channel(target: str, options: ChannelOptions = ()) -> grpc.aio.Channel:
+    """A channel to a service of the bench stack, with the service token."""
+    return ChannelFactory.from_settings(Settings()).open(target, options)
 
 
 @contextmanager

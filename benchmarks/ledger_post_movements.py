@@ -17,10 +17,16 @@ import asyncio
 import uuid
 
 import asyncpg
-import grpc
 from grpc_health.v1 import health_pb2
 
-from benchmarks.common import Figure, bench_stack, measure, print_table, service_process
+from benchmarks.common import (
+    Figure,
+    bench_channel,
+    bench_stack,
+    measure,
+    print_table,
+    service_process,
+)
 from omni.common.v1 import types_pb2
 from omni.ledger.v1 import ledger_service_pb2 as pb
 from omni.ledger.v1 import ledger_service_pb2_grpc as pb_grpc
@@ -58,7 +64,7 @@ async def scenarios(
     tag = uuid.uuid4().hex[:6]
     skus = [f"SKU-{tag}-{w}" for w in range(workers)]
     locations = [f"loc-{tag}-{w}" for w in range(workers)]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with bench_channel(f"127.0.0.1:{port}") as channel:
         ledger = pb_grpc.StockLedgerServiceStub(channel)
         await ledger.UpsertLocations(
             pb.UpsertLocationsRequest(

@@ -63,6 +63,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import (
     Figure,
+    bench_channel,
     bench_stack,
     describe_error,
     measure_for,
@@ -460,7 +461,7 @@ async def propagation(endpoints: Endpoints, shop: Shop, samples: int) -> Propaga
     from_recorded: list[float] = []
     from_response: list[float] = []
     missed = 0
-    async with grpc.aio.insecure_channel(endpoints.reservation) as channel:
+    async with bench_channel(endpoints.reservation) as channel:
         stub: pb_grpc.ReservationServiceAsyncStub = pb_grpc.ReservationServiceStub(channel)
         call = stub.WatchAvailability(
             pb.WatchAvailabilityRequest(
@@ -601,8 +602,8 @@ async def scenarios(
 ) -> Results:  # fmt: skip
     """Build the shop, then the load cases, propagation, NATS baselines and a consistency check."""
     async with (
-        grpc.aio.insecure_channel(endpoints.ledger) as ledger_channel,
-        grpc.aio.insecure_channel(endpoints.reservation) as reservation_channel,
+        bench_channel(endpoints.ledger) as ledger_channel,
+        bench_channel(endpoints.reservation) as reservation_channel,
     ):
         ledger: ledger_grpc.StockLedgerServiceAsyncStub = ledger_grpc.StockLedgerServiceStub(
             ledger_channel

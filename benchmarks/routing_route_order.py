@@ -72,7 +72,14 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY, generate_latest
 
-from benchmarks.common import Figure, bench_stack, describe_error, ratio, service_process
+from benchmarks.common import (
+    Figure,
+    bench_channel,
+    bench_stack,
+    describe_error,
+    ratio,
+    service_process,
+)
 from benchmarks.geography import COUNTRY, Place, apportion, dutch_places, offset
 from benchmarks.reservation_reserve import (
     Metrics,
@@ -646,7 +653,7 @@ async def cases(
 ) -> list[Case]:
     """The baseline, then QuoteOrder and RouteOrder of 1 and 5 lines."""
     out: list[Case] = []
-    async with grpc.aio.insecure_channel(endpoints.routing) as channel:
+    async with bench_channel(endpoints.routing) as channel:
         routing: pb_grpc.OrderRoutingServiceAsyncStub = pb_grpc.OrderRoutingServiceStub(channel)
         check = health_check(channel)
 
@@ -840,9 +847,9 @@ async def run(
         start = services_in_process if in_process else service_processes
         async with start(stack) as endpoints:
             async with (
-                grpc.aio.insecure_channel(endpoints.ledger) as ledger_channel,
-                grpc.aio.insecure_channel(endpoints.reservation) as reservation_channel,
-                grpc.aio.insecure_channel(endpoints.routing) as routing_channel,
+                bench_channel(endpoints.ledger) as ledger_channel,
+                bench_channel(endpoints.reservation) as reservation_channel,
+                bench_channel(endpoints.routing) as routing_channel,
             ):
                 await shop.open(
                     ledger_grpc.StockLedgerServiceStub(ledger_channel),

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated
 
-import grpc
 import typer
 
+from omnistock.auth.dev import DevAuth
+from omnistock.auth.tokens import Role
 from omnistock.bootstrap import provision_streams
 from omnistock.db import create_pool
 from omnistock.devstack.stack import EmbeddedStack, embedded_database_url
 from omnistock.devstack.supervisor import ServiceProcess
+from omnistock.grpc.client import ChannelFactory
 from omnistock.logs import configure_logging
 from omnistock.messaging.dead_letters import read_dead_letters, replay
 from omnistock.migrations import migrate
@@ -29,7 +32,9 @@ dev = typer.Typer(help="The local development stack.", no_args_is_help=True)
 ledger = typer.Typer(help="Stock ledger operations.", no_args_is_help=True)
 demo = typer.Typer(help="Demo data.", no_args_is_help=True)
 dlq = typer.Typer(help="Dead letters: events a consumer gave up on.", no_args_is_help=True)
+auth = typer.Typer(help="Tokens signed with the development key.", no_args_is_help=True)
 app.add_typer(dev, name="dev")
+app.add_typer(auth, name="auth")
 app.add_typer(ledger, name="ledger")
 app.add_typer(demo, name="demo")
 app.add_typer(dlq, name="dlq")
@@ -65,12 +70,32 @@ def dev_run(
     try:
         asyncio.run(prepare_all(database_url, nats_url))
         env = {"OMNI_DATABASE_URL": database_url, "OMNI_NATS_URL": nats_url}
+        dev_auth: DevAuth | None = None
+        if settings.auth_jwks_file is None:
+            # The development key: made on the first run, kept in the state folder.
+            dev_auth = DevAuth.ensure(
+                _dev_auth_folder(settings),
+                issuer=settings.auth_issuer,
+                audience=settings.auth_audience,
+            )
+            env.update(dev_auth.env())
+            settings = settings.model_copy(
+                update={
+                    "auth_jwks_file": dev_auth.jwks_file,
+                    "service_token_file": dev_auth.service_token_file,
+                }
+            )
+        channels = ChannelFactory.from_settings(settings)
         for spec in SERVICES:
             address = f"{settings.grpc_host}:{settings.grpc_port(spec.name)}"
-            processes.append(ServiceProcess(spec.name, f"services.{spec.name}", address, env))
+            processes.append(
+                ServiceProcess(spec.name, f"services.{spec.name}", address, env, channels)
+            )
         for process in processes:
             process.start()
         asyncio.run(_wait_and_load(processes, settings, load_demo_data))
+        if dev_auth is not None:
+            _print_dev_tokens(dev_auth)
         _print_endpoints(settings, database_url, nats_url)
         _wait_for_signal()
     finally:
@@ -87,7 +112,11 @@ async def _wait_and_load(
     for process in processes:
         await process.wait_serving()
     if load_demo_data:
-        summary = await _load(settings.grpc_target("ledger"), settings.grpc_target("reservation"))
+        summary = await _load(
+            settings.grpc_target("ledger"),
+            settings.grpc_target("reservation"),
+            ChannelFactory.from_settings(settings),
+        )
         typer.echo(
             f"demo data: {summary.locations} locations, {summary.skus} SKUs, "
             f"{summary.receipts} opening receipts ({summary.newly_recorded} newly recorded), "
@@ -95,12 +124,57 @@ async def _wait_and_load(
         )
 
 
-async def _load(ledger_address: str, reservation_address: str) -> DemoSummary:
+async def _load(
+    ledger_address: str, reservation_address: str, channels: ChannelFactory
+) -> DemoSummary:
     async with (
-        grpc.aio.insecure_channel(ledger_address) as ledger,
-        grpc.aio.insecure_channel(reservation_address) as reservation,
+        channels.open(ledger_address) as ledger,
+        channels.open(reservation_address) as reservation,
     ):
         return await load_demo(ledger, reservation, read_demo())
+
+
+def _dev_auth_folder(settings: Settings) -> Path:
+    return settings.state_dir.resolve() / "auth"
+
+
+# What the printed development tokens may do: the demo's channels, and a store
+# and a distribution centre of the demo network (deploy/demo/network.yaml).
+DEV_TOKEN_TTL_SECONDS = 7 * 24 * 3600.0
+DEV_SCANNER_LOCATIONS = ("store-utrecht", "dc-tilburg")
+DEV_STORE_LOCATION = "store-utrecht"
+
+
+def dev_tokens(dev_auth: DevAuth) -> dict[str, str]:
+    """One development token per role, by the variable name it is printed under."""
+    tokens: dict[str, str] = {}
+    for channel in read_demo()["channels"]:
+        name = f"OMNI_TOKEN_CHANNEL_{channel['id'].upper()}"
+        tokens[name] = dev_auth.mint(
+            Role.CHANNEL, channels=[channel["id"]], ttl_seconds=DEV_TOKEN_TTL_SECONDS
+        )
+    tokens["OMNI_TOKEN_SCANNER"] = dev_auth.mint(
+        Role.SCANNER, locations=DEV_SCANNER_LOCATIONS, ttl_seconds=DEV_TOKEN_TTL_SECONDS
+    )
+    tokens["OMNI_TOKEN_STORE"] = dev_auth.mint(
+        Role.STORE, locations=[DEV_STORE_LOCATION], ttl_seconds=DEV_TOKEN_TTL_SECONDS
+    )
+    tokens["OMNI_TOKEN_ADMIN"] = dev_auth.mint(Role.ADMIN, ttl_seconds=DEV_TOKEN_TTL_SECONDS)
+    return tokens
+
+
+def _print_dev_tokens(dev_auth: DevAuth) -> None:
+    tokens = dev_tokens(dev_auth)
+    script = dev_auth.folder / "tokens.env"
+    script.write_text("".join(f"export {name}={token}\n" for name, token in tokens.items()))
+    script.chmod(0o600)
+    typer.echo("\n  Development tokens (valid 7 days; `omni auth token` mints others):")
+    for name, token in tokens.items():
+        typer.echo(f"  {name}={token}")
+    typer.echo(
+        f"\n  `source {script}` and call with "
+        '-H "Authorization: Bearer $OMNI_TOKEN_SCANNER" (see README)\n'
+    )
 
 
 def _print_endpoints(settings: Settings, database_url: str, nats_url: str) -> None:
@@ -147,7 +221,8 @@ def demo_load(
     ] = "127.0.0.1:50052",
 ) -> None:
     """Load the demo network into a running system (idempotent)."""
-    typer.echo(f"{asyncio.run(_load(ledger_address, reservation_address))}")
+    channels = ChannelFactory.from_settings(_client_settings())
+    typer.echo(f"{asyncio.run(_load(ledger_address, reservation_address, channels))}")
 
 
 @demo.command("journey")
@@ -160,12 +235,60 @@ def demo_journey(
 
     Needs the demo network (`make run` loads it). Exits 1 naming the step that failed.
     """
-    config = JourneyConfig.from_settings(Settings(), timeout=timeout)
+    config = JourneyConfig.from_settings(_client_settings(), timeout=timeout)
     try:
         asyncio.run(run_journey(config, typer.echo))
     except JourneyFailed as failed:
         typer.echo(f"\nThe journey failed at {failed}", err=True)
         raise typer.Exit(1) from failed
+
+
+def _client_settings() -> Settings:
+    """Settings for a command that calls the services: without a configured service
+    token, the one a running `omni dev run` keeps in its state folder."""
+    settings = Settings()
+    dev_token = _dev_auth_folder(settings) / "service.token"
+    if settings.service_token_file is None and dev_token.exists():
+        settings = settings.model_copy(update={"service_token_file": dev_token})
+    return settings
+
+
+@auth.command("token")
+def auth_token(
+    role: Annotated[Role, typer.Option(help="The caller's role.")],
+    channel: Annotated[
+        list[str] | None, typer.Option(help="A channel it acts for (channel role; repeat).")
+    ] = None,
+    location: Annotated[
+        list[str] | None,
+        typer.Option(help="A location it acts at (scanner and store roles; repeat)."),
+    ] = None,
+    ttl: Annotated[float, typer.Option(help="Seconds until it expires.")] = 24 * 3600.0,
+    subject: Annotated[str | None, typer.Option(help="Who it names (sub).")] = None,
+) -> None:
+    """Print a token signed with the development key of `omni dev run` (development only)."""
+    settings = Settings()
+    if settings.environment == "production":
+        typer.echo("omni auth token mints development tokens only; use your issuer.", err=True)
+        raise typer.Exit(2)
+    folder = _dev_auth_folder(settings)
+    try:
+        dev_auth = DevAuth.load(
+            folder, issuer=settings.auth_issuer, audience=settings.auth_audience
+        )
+    except FileNotFoundError:
+        typer.echo(f"no development key in {folder}: run `omni dev run` once first", err=True)
+        raise typer.Exit(1) from None
+    if role is Role.CHANNEL and not channel:
+        typer.echo("a channel token needs --channel", err=True)
+        raise typer.Exit(2)
+    if role in (Role.SCANNER, Role.STORE) and not location:
+        typer.echo(f"a {role.value} token needs --location", err=True)
+        raise typer.Exit(2)
+    token = dev_auth.mint(
+        role, subject=subject, channels=channel or [], locations=location or [], ttl_seconds=ttl
+    )
+    typer.echo(token)
 
 
 def _nats_url(settings: Settings) -> str:

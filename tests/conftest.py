@@ -2,13 +2,19 @@
 
 Both start once per test session in a temporary folder, get the streams
 provisioned and every migration applied, exactly as ``omni dev run`` prepares
-them. Tests never depend on fixed ports or on each other's data: each one makes
-its own SKUs and locations with fresh ids.
+them. Services verify tokens against one development key made for the session
+(:func:`harness_auth`); tests that are not about authentication call them with
+its ``service`` token through :func:`client_channels`. Tests never depend on
+fixed ports or on each other's data: each one makes its own SKUs and locations
+with fresh ids.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,15 +33,31 @@ from omni.ledger.v1 import ledger_service_pb2 as ledger_pb
 from omni.ledger.v1 import ledger_service_pb2_grpc as ledger_grpc
 from omni.ledger.v1 import resources_pb2
 from omni.reservation.v1 import reservation_service_pb2_grpc as reservation_grpc
+from omnistock.auth.dev import DevAuth
 from omnistock.db import Pool, create_pool
 from omnistock.devstack.ports import free_port
 from omnistock.devstack.stack import EmbeddedStack
+from omnistock.grpc.client import ChannelFactory
 from omnistock.logs import configure_logging
 from omnistock.nats_client import connect
 from omnistock.service import RunningService, start_service
 from omnistock.settings import Settings
 from services.ledger.app import SPEC as LEDGER
 from services.registry import prepare_all
+
+
+@functools.cache
+def harness_auth() -> DevAuth:
+    """The session's signing key, JWKS and service token (one place for every harness:
+    the in-process services, the process stacks, and the tests' clients)."""
+    folder = Path(tempfile.mkdtemp(prefix="omnistock-auth-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return DevAuth.ensure(folder)
+
+
+def client_channels(settings: Settings) -> ChannelFactory:
+    """Channels as the harness's clients open them: the service token, TLS as configured."""
+    return ChannelFactory.from_settings(settings)
 
 
 @contextmanager
@@ -72,10 +94,14 @@ def stack() -> Iterator[EmbeddedStack]:
 
 @pytest.fixture(scope="session")
 def settings(stack: EmbeddedStack) -> Settings:
-    """Settings pointing at the harness's servers, with a short outbox poll."""
+    """Settings pointing at the harness's servers, with a short outbox poll, verifying
+    tokens with the session's key and calling other services with its service token."""
+    auth = harness_auth()
     return Settings(
         database_url=stack.database_url,
         nats_url=stack.nats_url,
+        auth_jwks_file=auth.jwks_file,
+        service_token_file=auth.service_token_file,
         outbox_poll_interval_seconds=0.2,
         grpc_shutdown_grace_seconds=2.0,
     )
@@ -112,9 +138,17 @@ async def ledger_service(settings: Settings) -> AsyncIterator[RunningService]:
 
 
 @pytest.fixture(scope="session")
-async def ledger_channel(ledger_service: RunningService) -> AsyncIterator[grpc.aio.Channel]:
+def channels(settings: Settings) -> ChannelFactory:
+    """Opens channels to the services with the ``service`` token."""
+    return client_channels(settings)
+
+
+@pytest.fixture(scope="session")
+async def ledger_channel(
+    ledger_service: RunningService, channels: ChannelFactory
+) -> AsyncIterator[grpc.aio.Channel]:
     """A real gRPC channel to the ledger."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{ledger_service.grpc_port}") as channel:
+    async with channels.open(f"127.0.0.1:{ledger_service.grpc_port}") as channel:
         yield channel
 
 

@@ -67,6 +67,10 @@ class PermissionDenied(DomainError):
     """The caller may not do this."""
 
 
+class Unauthenticated(DomainError):
+    """The caller presented no valid credentials."""
+
+
 class Aborted(DomainError):
     """A concurrency conflict the caller may resolve by retrying."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,7 +21,14 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from omnistock.db import Pool, create_pool
-from omnistock.grpc.server import GrpcServer, ServiceBinding, start_grpc_server
+from omnistock.grpc.client import ChannelFactory
+from omnistock.grpc.server import (
+    GrpcServer,
+    ServiceBinding,
+    server_credentials,
+    start_grpc_server,
+    token_verifier,
+)
 from omnistock.logs import configure_logging, get_logger
 from omnistock.messaging.consumer import EventConsumer, EventHandler
 from omnistock.messaging.outbox import OutboxRelay
@@ -32,6 +40,15 @@ from omnistock.settings import ServiceName, Settings
 log = get_logger(__name__)
 
 
+class ConfigurationError(RuntimeError):
+    """The settings do not let a service start; names every problem."""
+
+    def __init__(self, service: str, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        lines = "".join(f"\n  - {problem}" for problem in problems)
+        super().__init__(f"{service} cannot start:{lines}")
+
+
 @dataclass(frozen=True)
 class ServiceContext:
     """What a service's wiring gets to build its servicers and consumers."""
@@ -40,6 +57,8 @@ class ServiceContext:
     pool: Pool
     nats: Client
     js: JetStreamContext
+    # Opens channels to the other services with TLS and the service token as configured.
+    channels: ChannelFactory
 
 
 def consumer(
@@ -163,7 +182,17 @@ async def start_service(
     metrics_port: int | None = None,
     serve_metrics_endpoint: bool = True,
 ) -> RunningService:
-    """Start ``spec`` against the configured PostgreSQL and NATS."""
+    """Start ``spec`` against the configured PostgreSQL and NATS.
+
+    Raises :class:`ConfigurationError` first when the settings are not fit to
+    run (production without keys, a service token, or its own secrets).
+    """
+    problems = settings.startup_problems(spec.name)
+    if problems:
+        raise ConfigurationError(spec.name, problems)
+    verifier = token_verifier(settings)
+    credentials = server_credentials(settings)
+    channels = ChannelFactory.from_settings(settings)
     pool = await create_pool(
         settings.require_database_url(),
         min_size=settings.db_pool_min_size,
@@ -171,7 +200,7 @@ async def start_service(
     )
     client = await connect(settings.require_nats_url(), name=f"omnistock-{spec.name}")
     js = client.jetstream()
-    context = ServiceContext(settings=settings, pool=pool, nats=client, js=js)
+    context = ServiceContext(settings=settings, pool=pool, nats=client, js=js, channels=channels)
 
     relay = OutboxRelay(
         pool,
@@ -190,6 +219,8 @@ async def start_service(
         bindings,
         host=settings.grpc_host,
         port=settings.grpc_port(spec.name) if grpc_port is None else grpc_port,
+        verifier=verifier,
+        credentials=credentials,
     )
     endpoint = None
     if serve_metrics_endpoint:
@@ -215,7 +246,11 @@ def run_forever(spec: ServiceSpec) -> None:
         runner: Callable[..., None] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep stdlib fallback
         runner = asyncio.run
-    runner(_serve(spec, settings))
+    try:
+        runner(_serve(spec, settings))
+    except ConfigurationError as error:
+        print(str(error), file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 async def _serve(spec: ServiceSpec, settings: Settings) -> None:

@@ -22,6 +22,14 @@ DEFAULT_GRPC_PORTS: dict[str, int] = {
     "routing": 50053,
     "fulfilment": 50054,
 }
+# The pickup-code key for development; production refuses to start with it.
+DEV_FULFILMENT_CODE_SECRET = "development-only-pickup-code-secret"
+# The services that call other services, so need a service token in production.
+CALLERS: dict[str, tuple[str, ...]] = {
+    "reservation": ("ledger",),
+    "routing": ("reservation", "ledger"),
+}
+
 DEFAULT_METRICS_PORTS: dict[str, int] = {
     "ledger": 9101,
     "reservation": 9102,
@@ -35,6 +43,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OMNI_", extra="ignore")
 
+    environment: Literal["development", "production"] = Field(
+        default="development",
+        description="production refuses to start without keys, service token and secrets.",
+    )
     database_url: str | None = Field(
         default=None,
         description="PostgreSQL DSN; unset means `omni dev run` starts an embedded server.",
@@ -94,7 +106,24 @@ class Settings(BaseSettings):
     fulfilment_accept_within_seconds: float = 1800.0
     fulfilment_pickup_window_days: float = 7.0
     fulfilment_sweep_interval_seconds: float = 1.0
-    fulfilment_code_secret: str = "development-only-pickup-code-secret"
+    fulfilment_code_secret: str = DEV_FULFILMENT_CODE_SECRET
+
+    # Authentication: the public keys (JWKS, with a kid per key) tokens are
+    # verified with, the issuer and audience they must name, and the token this
+    # process presents when it calls another service. Without a JWKS in
+    # development, calls are not authenticated (a warning is logged).
+    auth_jwks_file: Path | None = None
+    auth_issuer: str = "omnistock"
+    auth_audience: str = "omnistock"
+    service_token_file: Path | None = None
+    # TLS: the server's certificate and key (also presented as the client
+    # certificate when this process calls others), the CA that clients trust and
+    # that client certificates are verified against, and whether the server
+    # requires a client certificate (mutual TLS).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_client_auth: Literal["none", "require"] = "none"
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 
@@ -120,6 +149,44 @@ class Settings(BaseSettings):
                 "OMNI_DATABASE_URL is not set (use `omni dev run` for a local stack)"
             )
         return self.database_url
+
+    def service_token(self) -> str | None:
+        """The token this process presents to other services, if one is configured."""
+        if self.service_token_file is None:
+            return None
+        return self.service_token_file.read_text().strip() or None
+
+    def startup_problems(self, service: ServiceName) -> list[str]:
+        """What keeps ``service`` from starting with these settings (production only
+        refuses; development runs with development defaults)."""
+        problems = []
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            problems.append("OMNI_TLS_CERT_FILE and OMNI_TLS_KEY_FILE must be set together")
+        if self.tls_client_auth == "require" and (
+            self.tls_ca_file is None or self.tls_cert_file is None
+        ):
+            problems.append(
+                "OMNI_TLS_CLIENT_AUTH=require needs OMNI_TLS_CERT_FILE, OMNI_TLS_KEY_FILE "
+                "and OMNI_TLS_CA_FILE (the CA client certificates are checked against)"
+            )
+        if self.environment != "production":
+            return problems
+        if self.auth_jwks_file is None:
+            problems.append(
+                "OMNI_AUTH_JWKS_FILE is not set: production needs the public keys "
+                "(a JWKS) that callers' tokens are verified with"
+            )
+        if service == "fulfilment" and self.fulfilment_code_secret == DEV_FULFILMENT_CODE_SECRET:
+            problems.append(
+                "OMNI_FULFILMENT_CODE_SECRET is the development default: set a secret "
+                "of your own (and keep it: pickup codes already handed out depend on it)"
+            )
+        if CALLERS.get(service) and self.service_token_file is None:
+            problems.append(
+                f"OMNI_SERVICE_TOKEN_FILE is not set: {service} calls "
+                f"{' and '.join(CALLERS[service])} and must present a service token"
+            )
+        return problems
 
     def require_nats_url(self) -> str:
         """The NATS URL, or a clear error when none is configured."""

@@ -62,6 +62,7 @@ from omni.routing.v1 import resources_pb2 as routing_res
 from omni.routing.v1 import routing_service_pb2 as routing_pb
 from omni.routing.v1 import routing_service_pb2_grpc as routing_grpc
 from omnistock.devstack.stack import embedded_database_url
+from omnistock.grpc.client import ChannelFactory
 from omnistock.messaging.envelope import unpack
 from omnistock.settings import Settings
 from services.ledger.audit import audit
@@ -115,6 +116,9 @@ class JourneyConfig:
     fulfilment_target: str
     nats_url: str
     database_url: str
+    # TLS and the token the journey calls with (it plays every role, so the
+    # service token).
+    channels: ChannelFactory
     timeout: float = 30.0
 
     @classmethod
@@ -128,6 +132,7 @@ class JourneyConfig:
             fulfilment_target=settings.grpc_target("fulfilment"),
             nats_url=settings.nats_url or f"nats://127.0.0.1:{settings.dev_nats_port}",
             database_url=settings.database_url or embedded_database_url(settings.dev_postgres_port),
+            channels=ChannelFactory.from_settings(settings),
             timeout=timeout,
         )
 
@@ -188,10 +193,10 @@ async def _connected(config: JourneyConfig) -> AsyncIterator[_Clients]:
         ) from error
     try:
         async with (
-            grpc.aio.insecure_channel(config.ledger_target) as ledger,
-            grpc.aio.insecure_channel(config.reservation_target) as reservation,
-            grpc.aio.insecure_channel(config.routing_target) as routing,
-            grpc.aio.insecure_channel(config.fulfilment_target) as fulfilment,
+            config.channels.open(config.ledger_target) as ledger,
+            config.channels.open(config.reservation_target) as reservation,
+            config.channels.open(config.routing_target) as routing,
+            config.channels.open(config.fulfilment_target) as fulfilment,
         ):
             yield _Clients(
                 ledger_grpc.StockLedgerServiceStub(ledger),

@@ -108,6 +108,27 @@ class Fulfilment:
         return self.status in ENDED
 
 
+# A transfer's goods are on the road to, or at, its pickup store.
+_AT_OR_TO_PICKUP_STORE = frozenset(
+    {Status.SHIPPED, Status.RECEIVED, Status.READY_FOR_PICKUP, Status.COLLECTED, Status.EXPIRED}
+)
+
+
+def working_locations(f: Fulfilment) -> frozenset[str]:
+    """The locations whose staff work on ``f``: its own location, and for a transfer
+    the pickup store once the goods are on the road to it."""
+    if (
+        f.kind is Kind.TRANSFER_TO_STORE
+        and f.pickup_location_id
+        and (
+            f.status in _AT_OR_TO_PICKUP_STORE
+            or (f.cancel_on_arrival and f.status is Status.CANCELLED)
+        )
+    ):
+        return frozenset({f.location_id, f.pickup_location_id})
+    return frozenset({f.location_id})
+
+
 def illegal(f: Fulfilment, step: str) -> FailedPrecondition:
     """The error for a step the fulfilment's state does not allow."""
     return FailedPrecondition(

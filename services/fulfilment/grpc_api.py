@@ -8,6 +8,7 @@ from typing import TypeAlias
 from omni.fulfilment.v1 import fulfilment_service_pb2 as pb
 from omni.fulfilment.v1 import fulfilment_service_pb2_grpc as pb_grpc
 from omni.fulfilment.v1 import resources_pb2
+from omnistock.auth.policy import authorize, scoped
 from omnistock.grpc import Context
 from omnistock.grpc.server import ServiceBinding
 from services.fulfilment import convert, domain
@@ -36,6 +37,7 @@ class FulfilmentServicer(pb_grpc.FulfilmentServiceServicer):
     async def ListFulfilments(
         self, request: pb.ListFulfilmentsRequest, context: Context
     ) -> pb.ListFulfilmentsResponse:
+        authorize(locations=[request.location_id])
         page, token = await self._handlers.queue(
             request.location_id, list(request.statuses), request.page_size, request.page_token
         )
@@ -47,6 +49,7 @@ class FulfilmentServicer(pb_grpc.FulfilmentServiceServicer):
         self, request: pb.GetFulfilmentRequest, context: Context
     ) -> pb.GetFulfilmentResponse:
         found = await self._handlers.get(request.fulfilment_id)
+        authorize(any_of_locations=domain.working_locations(found))
         return pb.GetFulfilmentResponse(fulfilment=convert.fulfilment_out(found))
 
     async def AcceptFulfilment(
@@ -119,6 +122,10 @@ class FulfilmentServicer(pb_grpc.FulfilmentServiceServicer):
     async def _step(
         self, method: str, request: StepRequest, step: Step
     ) -> resources_pb2.Fulfilment:
+        if scoped():
+            # A store may work on its own tasks only: load the task to know whose it is.
+            task = await self._handlers.get(request.fulfilment_id)
+            authorize(any_of_locations=domain.working_locations(task))
         return await self._handlers.step(
             method,
             request.request_id,

@@ -6,6 +6,7 @@ from omni.ledger.v1 import ledger_service_pb2 as pb
 from omni.ledger.v1 import ledger_service_pb2_grpc as pb_grpc
 from omni.ledger.v1 import resources_pb2
 from omnistock import wire
+from omnistock.auth.policy import authorize
 from omnistock.grpc import Context
 from omnistock.grpc.server import ServiceBinding
 from services.ledger import convert
@@ -21,6 +22,9 @@ class StockLedgerServicer(pb_grpc.StockLedgerServiceServicer):
     async def PostMovements(
         self, request: pb.PostMovementsRequest, context: Context
     ) -> pb.PostMovementsResponse:
+        # A scanner may post at its own locations only: the whole batch is refused
+        # if one movement is elsewhere.
+        authorize(locations=[m.location_id for m in request.movements])
         results = await self._handlers.post_movements(
             [convert.movement_in(m, i) for i, m in enumerate(request.movements)]
         )
@@ -34,6 +38,7 @@ class StockLedgerServicer(pb_grpc.StockLedgerServiceServicer):
     async def GetStockLevels(
         self, request: pb.GetStockLevelsRequest, context: Context
     ) -> pb.GetStockLevelsResponse:
+        authorize(locations=list(request.location_ids))
         as_of = wire.timestamp_in(request.as_of, request.HasField("as_of"), "as_of")
         states = convert.states_filter(request.states, "states")
         levels = await self._handlers.stock_levels(
@@ -63,6 +68,7 @@ class StockLedgerServicer(pb_grpc.StockLedgerServiceServicer):
     async def ListMovements(
         self, request: pb.ListMovementsRequest, context: Context
     ) -> pb.ListMovementsResponse:
+        authorize(locations=[request.location_id])
         rows, next_token = await self._handlers.history(
             sku=request.sku,
             location_id=request.location_id,

@@ -26,6 +26,7 @@ def _build(context: ServiceContext) -> tuple[Sequence[ServiceBinding], Sequence[
     handlers = ReservationHandlers(
         context.pool,
         ledger_target=settings.grpc_target("ledger"),
+        channels=context.channels,
         short_grace=timedelta(seconds=settings.reservation_short_grace_seconds),
         max_batch=settings.reservation_batch_max,
         batch_concurrency=settings.reservation_batch_concurrency,

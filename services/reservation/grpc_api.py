@@ -8,6 +8,7 @@ from omni.reservation.v1 import reservation_service_pb2 as pb
 from omni.reservation.v1 import reservation_service_pb2_grpc as pb_grpc
 from omni.reservation.v1 import resources_pb2
 from omnistock import wire
+from omnistock.auth.policy import authorize, scoped
 from omnistock.errors import Aborted
 from omnistock.grpc import Context
 from omnistock.grpc.server import ServiceBinding
@@ -29,12 +30,14 @@ class ReservationServicer(pb_grpc.ReservationServiceServicer):
         self._hub = hub
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
+        authorize(channel=request.channel)
         result = await self._handlers.reserve(convert.reserve_in(request))
         return pb.ReserveResponse(reservation=convert.reservation_out(result.reservation))
 
     async def ExtendReservation(
         self, request: pb.ExtendReservationRequest, context: Context
     ) -> pb.ExtendReservationResponse:
+        await self._authorize(request.reservation_id)
         reservation = await self._handlers.extend(
             request.request_id,
             request.reservation_id,
@@ -45,6 +48,7 @@ class ReservationServicer(pb_grpc.ReservationServiceServicer):
     async def ReleaseReservation(
         self, request: pb.ReleaseReservationRequest, context: Context
     ) -> pb.ReleaseReservationResponse:
+        await self._authorize(request.reservation_id)
         reservation = await self._handlers.release(
             request.request_id,
             request.reservation_id,
@@ -56,6 +60,7 @@ class ReservationServicer(pb_grpc.ReservationServiceServicer):
     async def ConvertReservation(
         self, request: pb.ConvertReservationRequest, context: Context
     ) -> pb.ConvertReservationResponse:
+        await self._authorize(request.reservation_id)
         reservation = await self._handlers.convert(
             request.request_id, request.reservation_id, request.reference
         )
@@ -65,17 +70,20 @@ class ReservationServicer(pb_grpc.ReservationServiceServicer):
         self, request: pb.GetReservationRequest, context: Context
     ) -> pb.GetReservationResponse:
         reservation = await self._handlers.get(request.reservation_id)
+        authorize(channel=reservation.channel)
         return pb.GetReservationResponse(reservation=convert.reservation_out(reservation))
 
     async def ListReservations(
         self, request: pb.ListReservationsRequest, context: Context
     ) -> pb.ListReservationsResponse:
+        authorize(channel=request.channel)
         found = await self._handlers.list_by_reference(convert.list_reservations_in(request))
         return pb.ListReservationsResponse(reservations=[convert.reservation_out(r) for r in found])
 
     async def GetAvailability(
         self, request: pb.GetAvailabilityRequest, context: Context
     ) -> pb.GetAvailabilityResponse:
+        authorize(channel=request.channel)
         found = await self._handlers.availability(
             request.channel,
             list(request.skus),
@@ -90,6 +98,7 @@ class ReservationServicer(pb_grpc.ReservationServiceServicer):
     async def WatchAvailability(
         self, request: pb.WatchAvailabilityRequest, context: Context
     ) -> AsyncIterator[pb.WatchAvailabilityResponse]:
+        authorize(channel=request.channel)
         skus, locations = list(request.skus), list(request.location_ids)
         check_availability_request(request.channel, skus, locations)
         # Subscribe before reading the snapshot: a change committed in between
@@ -119,6 +128,11 @@ class ReservationServicer(pb_grpc.ReservationServiceServicer):
                     )
         finally:
             self._hub.unsubscribe(subscription)
+
+    async def _authorize(self, reservation_id: str) -> None:
+        """A channel may touch its own reservations only: load it to know whose it is."""
+        if scoped():
+            authorize(channel=(await self._handlers.get(reservation_id)).channel)
 
     async def _read(self, channel: str, skus: list[str], locations: list[str]) -> list[Figure]:
         found = await self._handlers.availability(channel, skus, locations, False)

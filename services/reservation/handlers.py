@@ -32,6 +32,7 @@ from omnistock.errors import (
     NotFound,
 )
 from omnistock.group_commit import GroupCommitter
+from omnistock.grpc.client import ChannelFactory
 from omnistock.idempotency import (
     IDEMPOTENCY_KEY_CONSTRAINT,
     digest,
@@ -141,12 +142,14 @@ class ReservationHandlers:
         pool: Pool,
         *,
         ledger_target: str,
+        channels: ChannelFactory,
         short_grace: timedelta = timedelta(seconds=60),
         max_batch: int = 128,
         batch_concurrency: int = 2,
     ) -> None:
         self.pool = pool
         self._ledger_target = ledger_target
+        self._channels = channels
         self._short_grace = short_grace
         self._rules = RulesCache()
         self.committer: GroupCommitter[domain.Reserve, ReserveResult] = GroupCommitter(
@@ -977,7 +980,7 @@ class ReservationHandlers:
             include_zero=True,
         )
         try:
-            async with grpc.aio.insecure_channel(self._ledger_target) as channel:
+            async with self._channels.open(self._ledger_target) as channel:
                 stub = ledger_grpc.StockLedgerServiceStub(channel)
                 response = await stub.GetStockLevels(request, timeout=10)
         except grpc.aio.AioRpcError as error:

@@ -44,6 +44,7 @@ def _build(context: ServiceContext) -> tuple[Sequence[ServiceBinding], Sequence[
         context.pool,
         reservation_target=settings.grpc_target("reservation"),
         ledger_target=settings.grpc_target("ledger"),
+        channels=context.channels,
     )
 
     async def refresh_gauges() -> int:

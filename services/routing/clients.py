@@ -22,6 +22,7 @@ from omni.reservation.v1 import reservation_service_pb2 as res_pb
 from omni.reservation.v1 import reservation_service_pb2_grpc as res_grpc
 from omni.reservation.v1 import resources_pb2 as res_resources
 from omnistock.errors import Aborted, FieldViolation, InvalidArgument
+from omnistock.grpc.client import ChannelFactory
 from omnistock.grpc.errors import bad_request, error_info
 
 S = TypeVar("S")
@@ -103,15 +104,16 @@ _TRANSIENT = frozenset(
 class _Channel:
     """A channel to another service, opened on first use (inside the running loop)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, channels: ChannelFactory) -> None:
         self._target = target
+        self._channels_factory = channels
         self._channel: grpc.aio.Channel | None = None
         self._stub: object = None
 
     def _stub_of(self, make: Callable[[grpc.aio.Channel], S]) -> S:
         """The stub ``make`` builds on the open channel, built once per channel."""
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self._target)
+            self._channel = self._channels_factory.open(self._target)
             self._stub = make(self._channel)
         return cast(S, self._stub)
 
@@ -125,8 +127,8 @@ class _Channel:
 class ReservationClient(_Channel):
     """The reservation service, from routing's side."""
 
-    def __init__(self, target: str) -> None:
-        super().__init__(target)
+    def __init__(self, target: str, channels: ChannelFactory) -> None:
+        super().__init__(target, channels)
         self._channels: dict[str, frozenset[str]] = {}
         self._rules_read_at = -math.inf
 

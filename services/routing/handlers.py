@@ -34,6 +34,7 @@ from omni.routing.v1 import resources_pb2 as pb
 from omni.routing.v1 import routing_service_pb2 as service_pb
 from omnistock.db import Connection, Pool, unit_of_work
 from omnistock.errors import Aborted, AlreadyExists, DomainError, FieldViolation, InvalidArgument
+from omnistock.grpc.client import ChannelFactory
 from omnistock.idempotency import (
     digest,
     once_in_transaction,
@@ -130,10 +131,12 @@ def _today(rules: planner.Rules, now: datetime) -> date:
 class RoutingHandlers:
     """The routing service's use cases."""
 
-    def __init__(self, pool: Pool, *, reservation_target: str, ledger_target: str) -> None:
+    def __init__(
+        self, pool: Pool, *, reservation_target: str, ledger_target: str, channels: ChannelFactory
+    ) -> None:
         self.pool = pool
-        self.reservations = ReservationClient(reservation_target)
-        self.ledger = LedgerClient(ledger_target)
+        self.reservations = ReservationClient(reservation_target, channels)
+        self.ledger = LedgerClient(ledger_target, channels)
         self.catalog = Catalog()
 
     async def close(self) -> None:

@@ -75,6 +75,7 @@ from omnistock.nats_client import connect
 from omnistock.settings import ServiceName, Settings
 from services.ledger.audit import audit
 from services.registry import REPO_ROOT, prepare_all
+from tests.conftest import client_channels, harness_auth
 
 LedgerStub: TypeAlias = "ledger_grpc.StockLedgerServiceAsyncStub"
 ReservationStub: TypeAlias = "reservation_grpc.ReservationServiceAsyncStub"
@@ -253,6 +254,7 @@ class ProcessStack:
         env["OMNI_NATS_URL"] = self.nats_url
         env["OMNI_GRPC_HOST"] = "127.0.0.1"
         env["OMNI_METRICS_HOST"] = "127.0.0.1"
+        env.update(harness_auth().env())
         for run in self.services.values():
             prefix = f"OMNI_{run.name.upper()}"
             env[f"{prefix}_GRPC_PORT"] = str(run.grpc_port)
@@ -274,6 +276,8 @@ class ProcessStack:
             "metrics_host": "127.0.0.1",
             "ledger_target": self.services["ledger"].address,
             "reservation_target": self.services["reservation"].address,
+            "auth_jwks_file": harness_auth().jwks_file,
+            "service_token_file": harness_auth().service_token_file,
         }
         for run in self.services.values():
             values[f"{run.name}_grpc_port"] = run.grpc_port
@@ -311,7 +315,7 @@ class ProcessStack:
     async def _wait_one(self, name: ServiceName, within: float) -> None:
         run = self.services[name]
         deadline = time.monotonic() + within
-        async with grpc.aio.insecure_channel(run.address) as channel:
+        async with client_channels(self.settings).open(run.address) as channel:
             check = health_check(channel)
             while True:
                 if not run.running:
@@ -402,7 +406,7 @@ class ProcessStack:
     def channel(self, name: ServiceName) -> grpc.aio.Channel:
         """A long-lived channel to a service; it reconnects after a restart."""
         if name not in self._channels:
-            self._channels[name] = grpc.aio.insecure_channel(
+            self._channels[name] = client_channels(self.settings).open(
                 self.services[name].address, options=CHANNEL_OPTIONS
             )
         return self._channels[name]

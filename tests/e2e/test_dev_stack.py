@@ -13,11 +13,14 @@ import asyncio
 import os
 import signal
 import sys
+import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import nats
+import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from omni.common.v1 import event_pb2
@@ -28,6 +31,7 @@ from omni.ledger.v1 import resources_pb2 as res
 from omni.reservation.v1 import reservation_service_pb2 as reservation_pb
 from omni.reservation.v1 import reservation_service_pb2_grpc as reservation_grpc
 from omnistock.devstack.ports import free_port
+from omnistock.grpc.client import ChannelFactory
 from omnistock.messaging.envelope import unpack
 from tests.conftest import LedgerStub, ReservationStub
 
@@ -80,8 +84,25 @@ class DevRun:
     def text(self) -> str:
         return "".join(self.output)
 
+    def token(self, name: str) -> ChannelFactory:
+        """Channels carrying the development token printed as ``name``."""
+        prefix = f"  {name}="
+        printed = [line for line in self.output if line.startswith(prefix)]
+        assert printed, f"no {name} printed"
+        return ChannelFactory(token=printed[-1][len(prefix) :].strip())
 
-async def test_make_run_serves_the_demo_and_restarts_on_the_same_data(tmp_path: Path) -> None:
+
+@pytest.fixture
+def state_root() -> Iterator[Path]:
+    """A folder for the dev run's state outside pytest's temporary root: another pytest
+    session on the machine resets that root to owner-only access, which the embedded
+    PostgreSQL (an unprivileged user when run as root) then cannot enter."""
+    with tempfile.TemporaryDirectory(prefix="omnistock-devrun-") as folder:
+        yield Path(folder)
+
+
+async def test_make_run_serves_the_demo_and_restarts_on_the_same_data(state_root: Path) -> None:
+    tmp_path = state_root
     names = ("pg", "nats", "mon", "grpc", "metrics", "reservation", "reservation_metrics")
     ports = {name: free_port() for name in names}
     env = {
@@ -103,7 +124,14 @@ async def test_make_run_serves_the_demo_and_restarts_on_the_same_data(tmp_path: 
         nc = await nats.connect(f"nats://127.0.0.1:{ports['nats']}")
         js = nc.jetstream()
         start = (await js.stream_info("OMNI_LEDGER")).state.last_seq + 1
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
+        # Without a token the ledger refuses; with the printed scanner token
+        # (store-utrecht is one of its locations) it answers.
+        async with ChannelFactory().open(f"127.0.0.1:{ports['grpc']}") as channel:
+            anonymous: LedgerStub = pb_grpc.StockLedgerServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await anonymous.ListLocations(pb.ListLocationsRequest())
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        async with first.token("OMNI_TOKEN_SCANNER").open(f"127.0.0.1:{ports['grpc']}") as channel:
             ledger: LedgerStub = pb_grpc.StockLedgerServiceStub(channel)
             before = await ledger.GetStockLevels(
                 pb.GetStockLevelsRequest(skus=["JKT-RAIN-NVY-M"], location_ids=["store-utrecht"])
@@ -148,7 +176,8 @@ async def test_make_run_serves_the_demo_and_restarts_on_the_same_data(tmp_path: 
 
         # The reservation service projected the receipt: the web channel can promise it.
         reservation_address = f"127.0.0.1:{ports['reservation']}"
-        async with grpc.aio.insecure_channel(reservation_address) as channel:
+        web = first.token("OMNI_TOKEN_CHANNEL_WEB")
+        async with web.open(reservation_address) as channel:
             reservations: ReservationStub = reservation_grpc.ReservationServiceStub(channel)
             request = reservation_pb.GetAvailabilityRequest(
                 channel="web", skus=["JKT-RAIN-NVY-M"], location_ids=["store-utrecht"]
@@ -185,7 +214,8 @@ async def test_make_run_serves_the_demo_and_restarts_on_the_same_data(tmp_path: 
     await second.start()
     try:
         assert "607 opening receipts (0 newly recorded), 3 channels" in second.text()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
+        # The key was kept: a token printed by the first run still works.
+        async with first.token("OMNI_TOKEN_SCANNER").open(f"127.0.0.1:{ports['grpc']}") as channel:
             ledger = pb_grpc.StockLedgerServiceStub(channel)
             after = await ledger.GetStockLevels(
                 pb.GetStockLevelsRequest(skus=["JKT-RAIN-NVY-M"], location_ids=["store-utrecht"])

@@ -15,15 +15,19 @@ from typing import TypeAlias, TypeVar
 import grpc
 import pytest
 
+from omni.fulfilment.v1 import fulfilment_service_pb2_grpc as fulfilment_grpc
 from omni.reservation.v1 import reservation_service_pb2_grpc as pb_grpc
 from omni.routing.v1 import routing_service_pb2_grpc as routing_grpc
+from omnistock.grpc.client import ChannelFactory
 from omnistock.service import RunningService, start_service
 from omnistock.settings import Settings
+from services.fulfilment.app import SPEC as FULFILMENT
 from services.reservation.app import SPEC as RESERVATION
 from services.routing.app import SPEC as ROUTING
 from tests.conftest import ReservationStub
 
 RoutingStub: TypeAlias = "routing_grpc.OrderRoutingServiceAsyncStub"
+FulfilmentStub: TypeAlias = "fulfilment_grpc.FulfilmentServiceAsyncStub"
 
 T = TypeVar("T")
 
@@ -57,11 +61,11 @@ async def reservation_service(
 
 @pytest.fixture(scope="session")
 async def reservation_channel(
-    reservation_service: RunningService,
+    reservation_service: RunningService, channels: ChannelFactory
 ) -> AsyncIterator[grpc.aio.Channel]:
     """A real gRPC channel to the reservation service."""
     address = f"127.0.0.1:{reservation_service.grpc_port}"
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with channels.open(address) as channel:
         yield channel
 
 
@@ -123,8 +127,40 @@ async def routing_service(
 
 
 @pytest.fixture(scope="session")
-async def routing(routing_service: RunningService) -> AsyncIterator[RoutingStub]:
+async def routing(
+    routing_service: RunningService, channels: ChannelFactory
+) -> AsyncIterator[RoutingStub]:
     """A typed stub of the routing service on a real channel."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{routing_service.grpc_port}") as channel:
+    async with channels.open(f"127.0.0.1:{routing_service.grpc_port}") as channel:
         stub: RoutingStub = routing_grpc.OrderRoutingServiceStub(channel)
+        yield stub
+
+
+@pytest.fixture(scope="session")
+async def fulfilment_service(
+    settings: Settings, routing_service: RunningService
+) -> AsyncIterator[RunningService]:
+    """The fulfilment service, in-process, with quick sweeps and a short accept window."""
+    service = await start_service(
+        FULFILMENT,
+        settings.model_copy(
+            update={
+                "fulfilment_sweep_interval_seconds": 0.2,
+                "fulfilment_accept_within_seconds": 600.0,
+            }
+        ),
+        grpc_port=0,
+        serve_metrics_endpoint=False,
+    )
+    yield service
+    await service.stop()
+
+
+@pytest.fixture(scope="session")
+async def fulfilment(
+    fulfilment_service: RunningService, channels: ChannelFactory
+) -> AsyncIterator[FulfilmentStub]:
+    """A typed stub of the fulfilment service on a real channel."""
+    async with channels.open(f"127.0.0.1:{fulfilment_service.grpc_port}") as channel:
+        stub: FulfilmentStub = fulfilment_grpc.FulfilmentServiceStub(channel)
         yield stub

@@ -31,6 +31,7 @@ from hypothesis.stateful import (
 
 from omnistock.db import Connection, Pool
 from omnistock.errors import FailedPrecondition
+from omnistock.grpc.client import ChannelFactory
 from services.reservation import handlers as reservation_handlers
 from services.reservation import storage
 from services.reservation.domain import (
@@ -449,7 +450,11 @@ async def mark_short(
     monkeypatch.setattr(storage, "save_reservations", save_reservations)
     monkeypatch.setattr(storage, "save_stock", save_stock)
     service = reservation_handlers.ReservationHandlers(
-        cast(Pool, None), ledger_target="unused:0", short_grace=timedelta(minutes=5), max_batch=8
+        cast(Pool, None),
+        ledger_target="unused:0",
+        channels=ChannelFactory(),
+        short_grace=timedelta(minutes=5),
+        max_batch=8,
     )
     await service._mark_short(cast(Connection, None), row, "loss")
     return saved

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2
 
+from omnistock.grpc.client import ChannelFactory
 from omnistock.grpc.health import health_check
 from omnistock.logs import get_logger
 
@@ -27,6 +28,8 @@ class ServiceProcess:
     module: str
     grpc_address: str
     env: dict[str, str]
+    # How to reach it (TLS as the services serve it).
+    channels: ChannelFactory = field(default_factory=ChannelFactory)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self) -> None:
@@ -40,7 +43,7 @@ class ServiceProcess:
     async def wait_serving(self, within: float = 30.0) -> None:
         """Wait until the service's health check reports SERVING."""
         deadline = time.monotonic() + within
-        async with grpc.aio.insecure_channel(self.grpc_address) as channel:
+        async with self.channels.open(self.grpc_address) as channel:
             check = health_check(channel)
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:

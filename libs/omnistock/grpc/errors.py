@@ -25,6 +25,7 @@ from omnistock.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unauthenticated,
 )
 
 D = TypeVar("D", bound=Message)
@@ -42,6 +43,7 @@ _CODES: list[tuple[type[DomainError], int]] = [
     (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
     (PermissionDenied, code_pb2.PERMISSION_DENIED),
     (Aborted, code_pb2.ABORTED),
+    (Unauthenticated, code_pb2.UNAUTHENTICATED),
 ]
 
 

@@ -17,8 +17,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from omnistock.auth.tokens import TokenVerifier
+from omnistock.grpc.auth import AuthInterceptor
 from omnistock.grpc.interceptors import CorrelationInterceptor, ErrorInterceptor, MetricsInterceptor
 from omnistock.logs import get_logger
+from omnistock.settings import Settings
 
 log = get_logger(__name__)
 
@@ -64,12 +67,49 @@ class GrpcServer:
         log.info("grpc.stopped", port=self.port)
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS for the server when a certificate is configured (None: plaintext).
+
+    With ``OMNI_TLS_CLIENT_AUTH=require`` a client must present a certificate
+    signed by ``OMNI_TLS_CA_FILE`` (mutual TLS).
+    """
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    require = settings.tls_client_auth == "require"
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=settings.tls_ca_file.read_bytes() if settings.tls_ca_file else None,
+        require_client_auth=require,
+    )
+
+
+def token_verifier(settings: Settings) -> TokenVerifier | None:
+    """The verifier of callers' tokens; None when no JWKS is configured (development)."""
+    if settings.auth_jwks_file is None:
+        return None
+    return TokenVerifier(settings.auth_jwks_file, settings.auth_issuer, settings.auth_audience)
+
+
 async def start_grpc_server(
-    bindings: Sequence[ServiceBinding], *, host: str, port: int
+    bindings: Sequence[ServiceBinding],
+    *,
+    host: str,
+    port: int,
+    verifier: TokenVerifier | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> GrpcServer:
-    """Start a server for ``bindings`` on ``host:port`` (0 picks a free port)."""
+    """Start a server for ``bindings`` on ``host:port`` (0 picks a free port).
+
+    ``verifier`` checks every call's bearer token (None: authentication off);
+    ``credentials`` serve TLS (None: plaintext).
+    """
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(), CorrelationInterceptor(), ErrorInterceptor()],
+        interceptors=[
+            MetricsInterceptor(),
+            CorrelationInterceptor(),
+            AuthInterceptor(verifier),
+            ErrorInterceptor(),
+        ],
         options=[("grpc.so_reuseport", 0)],
     )
     for binding in bindings:
@@ -82,11 +122,18 @@ async def start_grpc_server(
          reflection.SERVICE_NAME],
         server,
     )  # fmt: skip
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     if bound == 0:
         raise RuntimeError(f"cannot listen on {host}:{port}")
     await server.start()
     running = GrpcServer(server, health_servicer, bound, names)
     await running.set_serving()
-    log.info("grpc.listening", host=host, port=bound, services=names)
+    log.info("grpc.listening", host=host, port=bound, services=names,
+             tls=credentials is not None, authentication=verifier is not None)  # fmt: skip
+    if verifier is None:
+        log.warning("grpc.authentication_off", reason="no OMNI_AUTH_JWKS_FILE (development)")
     return running

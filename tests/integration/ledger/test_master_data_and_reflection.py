@@ -14,8 +14,9 @@ import pytest
 from omni.common.v1 import types_pb2
 from omni.ledger.v1 import ledger_service_pb2 as pb
 from omni.ledger.v1 import resources_pb2 as res
+from omnistock.auth.tokens import Role
 from omnistock.service import RunningService
-from tests.conftest import LedgerStub, Network
+from tests.conftest import LedgerStub, Network, harness_auth
 from tests.integration.helpers import failure
 
 
@@ -120,10 +121,13 @@ async def test_a_reflection_client_gets_an_answer(
         ]
     }
     address = f"http://127.0.0.1:{ledger_service.grpc_port}"
+    # A scanner of that store, as the README's examples call it.
+    scanner = harness_auth().mint(Role.SCANNER, locations=[store])
     # buf curl knows nothing about our protos: it asks the server by reflection.
     code, out, err = await buf_curl(
-        "-d", json.dumps(body), f"{address}/omni.ledger.v1.StockLedgerService/PostMovements"
-    )
+        "-H", f"Authorization: Bearer {scanner}",
+        "-d", json.dumps(body), f"{address}/omni.ledger.v1.StockLedgerService/PostMovements",
+    )  # fmt: skip
     assert code == 0, err
     answer = json.loads(out)
     assert answer["results"][0]["movement"]["postings"][0]["onHandAfter"] == "3"

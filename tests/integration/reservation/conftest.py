@@ -12,7 +12,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TypeAlias, TypeVar
 
-import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
@@ -21,6 +20,7 @@ from omni.ledger.v1 import resources_pb2 as ledger_res
 from omni.reservation.v1 import reservation_service_pb2 as pb
 from omni.reservation.v1 import reservation_service_pb2_grpc as pb_grpc
 from omni.reservation.v1 import resources_pb2 as res
+from omnistock.grpc.client import ChannelFactory
 from omnistock.service import RunningService, start_service
 from omnistock.settings import Settings
 from services.reservation.app import SPEC as RESERVATION
@@ -35,7 +35,7 @@ ORDER: Kind = res.RESERVATION_KIND_ORDER
 
 @pytest.fixture
 async def second_replica(
-    settings: Settings, ledger_service: RunningService
+    settings: Settings, ledger_service: RunningService, channels: ChannelFactory
 ) -> AsyncIterator[ReservationStub]:
     """A second reservation replica on the same database and NATS, for one test."""
     service = await start_service(
@@ -44,7 +44,7 @@ async def second_replica(
         grpc_port=0,
         serve_metrics_endpoint=False,
     )
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+    channel = channels.open(f"127.0.0.1:{service.grpc_port}")
     try:
         stub: ReservationStub = pb_grpc.ReservationServiceStub(channel)
         yield stub

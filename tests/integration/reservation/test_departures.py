@@ -14,19 +14,22 @@ import uuid
 from datetime import UTC, datetime
 
 from omnistock.db import Connection, Pool, unit_of_work
+from omnistock.grpc.client import ChannelFactory
 from omnistock.settings import Settings
 from services.reservation.handlers import Posting, ReservationHandlers, StockMovedFacts
 from tests.integration.reservation.conftest import ORDER, Shop
 
 
 async def test_a_departure_the_projection_went_past_still_ends_the_departing_units(
-    shop: Shop, pool: Pool, settings: Settings
+    shop: Shop, pool: Pool, settings: Settings, channels: ChannelFactory
 ) -> None:
     sku, store = shop.skus[0], shop.stores[0]
     await shop.stock(sku, store, 5)
     order_id = f"order-{uuid.uuid4().hex[:8]}"
     await shop.reserve([(sku, store, 2)], kind=ORDER, reference=order_id)
-    handlers = ReservationHandlers(pool, ledger_target=settings.grpc_target("ledger"))
+    handlers = ReservationHandlers(
+        pool, ledger_target=settings.grpc_target("ledger"), channels=channels
+    )
     fulfilment_id = f"f-{uuid.uuid4().hex[:8]}"
 
     async def consume(conn: Connection) -> None:

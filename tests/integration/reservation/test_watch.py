@@ -11,6 +11,7 @@ import grpc
 from omni.reservation.v1 import reservation_service_pb2 as pb
 from omni.reservation.v1 import reservation_service_pb2_grpc as pb_grpc
 from omni.reservation.v1 import resources_pb2 as res
+from omnistock.grpc.client import ChannelFactory
 from omnistock.service import RunningService
 from tests.conftest import ReservationStub
 from tests.integration.helpers import failure
@@ -90,13 +91,13 @@ async def test_the_low_stock_flag_is_true_when_sent(shop: Shop) -> None:
 
 
 async def test_a_reader_that_stops_reading_stalls_nobody_and_is_told_to_resubscribe(
-    shop: Shop, reservation_service: RunningService
+    shop: Shop, reservation_service: RunningService, channels: ChannelFactory
 ) -> None:
     sku, store = shop.skus[0], shop.stores[0]
     await shop.stock(sku, store, 5000)
     # A slow device: a tiny receive window and no window growth, so the server's
     # writes to it block as soon as a few messages are unread.
-    slow_link = grpc.aio.insecure_channel(
+    slow_link = channels.open(
         f"127.0.0.1:{reservation_service.grpc_port}",
         options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)],
     )

@@ -116,6 +116,14 @@ class World:
             ),
             lambda _: True,
         )
+        # The reservation service learns new SKUs from the ledger's events: wait
+        # for them, or an order routed at once meets "unknown SKU".
+        await eventually(
+            lambda: self.reservations.GetAvailability(
+                res_pb.GetAvailabilityRequest(channel=self.channel, skus=self.skus)
+            ),
+            lambda found: len(found.availability) == len(self.skus),
+        )
         return self
 
     async def stock(self, sku: str, name: str, quantity: int) -> None:

@@ -12,6 +12,7 @@ from omni.common.v1 import types_pb2
 from omni.routing.v1 import resources_pb2 as pb
 from omni.routing.v1 import routing_service_pb2 as service_pb
 from omnistock.db import Pool
+from omnistock.grpc.client import ChannelFactory
 from omnistock.service import RunningService
 from services.routing.clients import Availability, ReservationClient
 from services.routing.handlers import RoutingHandlers
@@ -24,8 +25,10 @@ class OtherBuyerFirst(ReservationClient):
     """The real reservation client; after routing's first availability read another
     channel buyer takes the stock, through the real reservation service."""
 
-    def __init__(self, target: str, world: World, take: tuple[str, str, int]) -> None:
-        super().__init__(target)
+    def __init__(
+        self, target: str, channels: ChannelFactory, world: World, take: tuple[str, str, int]
+    ) -> None:
+        super().__init__(target, channels)
         self.world, self.take, self.reads = world, take, 0
 
     async def availability(self, channel: str, skus: Sequence[str]) -> Availability:
@@ -45,6 +48,7 @@ async def test_stock_taken_between_plan_and_hold_is_planned_again(
     pool: Pool,
     ledger_service: RunningService,
     reservation_service: RunningService,
+    channels: ChannelFactory,
 ) -> None:
     await world.build({"utrecht": ("store", UTRECHT), "amsterdam": ("store", AMSTERDAM)})
     (sku,) = world.skus
@@ -55,9 +59,10 @@ async def test_stock_taken_between_plan_and_hold_is_planned_again(
         pool,
         reservation_target=f"127.0.0.1:{reservation_service.grpc_port}",
         ledger_target=f"127.0.0.1:{ledger_service.grpc_port}",
+        channels=channels,
     )
     handlers.reservations = OtherBuyerFirst(
-        f"127.0.0.1:{reservation_service.grpc_port}", world, (sku, world.id("utrecht"), 1)
+        f"127.0.0.1:{reservation_service.grpc_port}", channels, world, (sku, world.id("utrecht"), 1)
     )
     try:
         order = await handlers.route_order(world.order([(sku, 1)], to=NIEUWEGEIN))

@@ -16,7 +16,7 @@ from omnistock.grpc.interceptors import CORRELATION_HEADER
 from omnistock.service import start_service
 from omnistock.settings import Settings
 from services.ledger.app import SPEC as LEDGER
-from tests.conftest import LedgerStub
+from tests.conftest import LedgerStub, client_channels
 
 SERVICE = "omni.ledger.v1.StockLedgerService"
 
@@ -73,7 +73,7 @@ async def test_stopping_lets_in_flight_calls_finish_and_refuses_new_ones(
     settings: Settings, pool: Pool
 ) -> None:
     service = await start_service(LEDGER, settings, grpc_port=0, serve_metrics_endpoint=False)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+    async with client_channels(settings).open(f"127.0.0.1:{service.grpc_port}") as channel:
         stub: LedgerStub = pb_grpc.StockLedgerServiceStub(channel)
 
         async def list_locations() -> pb.ListLocationsResponse:
@@ -115,7 +115,7 @@ async def test_a_background_task_that_dies_turns_the_service_not_serving(
         service.background_task_ended(task)
         await asyncio.sleep(0.1)
 
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        async with client_channels(settings).open(f"127.0.0.1:{service.grpc_port}") as channel:
             reply = await health_check(channel)(health_pb2.HealthCheckRequest())
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
