@@ -115,6 +115,12 @@ async def test_make_run_serves_the_demo_and_restarts_on_the_same_data(state_root
         "OMNI_RESERVATION_GRPC_PORT": str(ports["reservation"]),
         "OMNI_RESERVATION_METRICS_PORT": str(ports["reservation_metrics"]),
         "OMNI_LOG_LEVEL": "WARNING",
+        # Never the default ports: another stack on the machine may hold them.
+        **{
+            f"OMNI_{name}_{kind}_PORT": str(free_port())
+            for name in ("ROUTING", "FULFILMENT")
+            for kind in ("GRPC", "METRICS")
+        },
     }
     first = DevRun(env)
     await first.start()
