@@ -61,6 +61,19 @@ RULES_SUBJECT = f"{SUBJECT}.rules.changed"
 LOSS_KINDS = frozenset({"adjustment", "cycle_count", "state_change"})
 # Movements that take a fulfilment's goods away (matched with its consumption).
 DEPARTURE_KINDS = frozenset({"shipment", "transfer_out"})
+# How long a transfer's receipt waits for its shipment's consumption to be seen:
+# within the consumer's retries before dead-lettering (about 7 s at 5 deliveries),
+# and far beyond the milliseconds between two replicas handling the two events.
+ARRIVAL_WAITS_FOR_SHIPMENT = timedelta(seconds=5)
+
+
+class ShipmentNotSeenYet(Exception):
+    """A transfer's receipt came before its shipment was handled; retry the receipt."""
+
+    def __init__(self, fulfilment_id: str) -> None:
+        super().__init__(f"the shipment of transfer {fulfilment_id} is not handled yet")
+
+
 # Namespace of the ids of holds on goods a transfer brought to a pickup store.
 TRANSFER_ARRIVALS = uuid.UUID("117f62d7-1870-4617-a69d-3c714449004b")
 
@@ -620,6 +633,7 @@ class ReservationHandlers:
         order_id: str,
         location_id: str,
         lines: Sequence[tuple[str, int]],
+        received_at: datetime,
     ) -> None:
         """A transfer reached the pickup store: hold its goods there for the order.
 
@@ -629,7 +643,9 @@ class ReservationHandlers:
         in the order's channel. Its id comes from the transfer, so a redelivered
         event adds nothing. The ledger's transfer-in may be projected before or
         after this hold: until it is, the hold is covered by the grace period
-        that departures have too.
+        that departures have too. A receipt handled before its shipment (two
+        replicas) is retried for a while; after that nothing is held, and the
+        log says so.
         """
         reservation_id = str(uuid.uuid5(TRANSFER_ARRIVALS, fulfilment_id))
         if await storage.load_reservations(conn, [reservation_id]):
@@ -637,6 +653,10 @@ class ReservationHandlers:
         consumed = await storage.consumptions_of(conn, fulfilment_id)
         sources = await storage.load_reservations(conn, {rid for rid, _, _ in consumed})
         if not sources:
+            if datetime.now(UTC) - received_at < ARRIVAL_WAITS_FOR_SHIPMENT:
+                # Another replica may still be handling the transfer's shipment:
+                # fail this delivery so the consumer retries it after a back-off.
+                raise ShipmentNotSeenYet(fulfilment_id)
             log.warning(
                 "reservation.transfer_without_hold", fulfilment_id=fulfilment_id, order_id=order_id
             )
