@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -39,7 +39,7 @@ from omnistock.idempotency import (
     require_request_id,
     reused,
 )
-from omnistock.logs import get_logger
+from omnistock.logs import current_correlation_id, get_logger
 from omnistock.messaging import outbox
 from omnistock.messaging.envelope import OutgoingEvent
 from omnistock.validation import check_id, check_reason
@@ -108,6 +108,10 @@ class ReserveResult:
     replayed: bool
 
 
+# A Reserve waiting for its batch, with the correlation id of its caller.
+Queued = tuple[domain.Reserve, str | None]
+
+
 @dataclass(frozen=True)
 class SkuFigures:
     """GetAvailability's answer for one SKU."""
@@ -162,7 +166,9 @@ class ReservationHandlers:
         self._ledger_target = ledger_target
         self._short_grace = short_grace
         self._rules = RulesCache()
-        self.committer: GroupCommitter[domain.Reserve, ReserveResult] = GroupCommitter(
+        # Each queued hold carries its caller's correlation id: the batch's
+        # transaction runs outside the callers' contexts.
+        self.committer: GroupCommitter[Queued, ReserveResult] = GroupCommitter(
             "reservation-reserve",
             self._reserve_batch,
             max_batch=max_batch,
@@ -176,7 +182,7 @@ class ReservationHandlers:
         try:
             require_request_id(command.request_id)
             domain.validate_reserve(command)
-            result = await self.committer.submit(command)
+            result = await self.committer.submit((command, current_correlation_id()))
         except domain.InsufficientStock:
             m.RESERVE_OUTCOMES.labels("insufficient").inc()
             raise
@@ -193,18 +199,17 @@ class ReservationHandlers:
             m.RESERVED_UNITS.inc(sum(line.quantity for line in result.reservation.lines))
         return result
 
-    async def _reserve_batch(
-        self, commands: list[domain.Reserve]
-    ) -> list[ReserveResult | BaseException]:
+    async def _reserve_batch(self, queued: list[Queued]) -> list[ReserveResult | BaseException]:
         return await unit_of_work(
             self.pool,
-            lambda conn: self._place_all(conn, commands),
+            lambda conn: self._place_all(conn, queued),
             retry_unique={IDEMPOTENCY_KEY_CONSTRAINT},
         )
 
     async def _place_all(
-        self, conn: Connection, commands: list[domain.Reserve]
+        self, conn: Connection, queued: list[Queued]
     ) -> list[ReserveResult | BaseException]:
+        commands = [command for command, _ in queued]
         # Five round trips whatever the batch size: locks, context, stock, writes, outbox.
         skus = {line.sku for c in commands for line in c.lines}
         # The SKU locks serialise every writer of these SKUs, so what is read after
@@ -223,7 +228,7 @@ class ReservationHandlers:
         created: list[OutgoingEvent] = []
         new_answers: list[tuple[str, bytes, bytes]] = []
         changes = Changes()
-        for command in commands:
+        for command, correlation_id in queued:
             request_digest = digest(command.content())
             if command.request_id in answers:
                 stored_digest, answer = answers[command.request_id]
@@ -248,10 +253,13 @@ class ReservationHandlers:
             new_answers.append((command.request_id, request_digest, answer))
             placed.append(reservation)
             created.append(
-                _outgoing(
-                    "reservation.created",
-                    events_pb2.ReservationCreated(reservation=wire_form),
-                    reservation,
+                replace(
+                    _outgoing(
+                        "reservation.created",
+                        events_pb2.ReservationCreated(reservation=wire_form),
+                        reservation,
+                    ),
+                    correlation_id=correlation_id,
                 )
             )
             outcomes.append(ReserveResult(reservation, replayed=False))
