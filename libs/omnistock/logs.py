@@ -20,7 +20,14 @@ _causation_id: ContextVar[str | None] = ContextVar("omni_causation_id", default=
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json", service: str | None = None) -> None:
-    """Configure structlog and the standard library to emit one line per event."""
+    """Configure structlog and the standard library to emit one line per event.
+
+    ``fmt="json"`` (the default, and the services' default setting) writes one
+    JSON object per line; ``"console"`` is for people at a terminal. Lines of
+    libraries that log through the standard library (asyncio, grpc, asyncpg)
+    are rendered the same way, with their logger's name, so a JSON log stays
+    JSON whatever wrote to it.
+    """
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -35,13 +42,35 @@ def configure_logging(level: str = "INFO", fmt: str = "json", service: str | Non
     ]
     if service:
         structlog.contextvars.bind_contextvars(service=service)
+        # Also for lines written outside the context that holds the binding
+        # (threads, callbacks registered before it).
+        processors.append(_add_service(service))
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(name)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *processors],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    # Like before, a process whose root logger already has handlers (pytest's)
+    # keeps them.
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def _add_service(service: str) -> structlog.typing.Processor:
+    def add(
+        _: structlog.typing.WrappedLogger, __: str, event: structlog.typing.EventDict
+    ) -> structlog.typing.EventDict:
+        event.setdefault("service", service)
+        return event
+
+    return add
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ServiceName = Literal["ledger", "reservation", "routing", "fulfilment"]
@@ -41,7 +42,8 @@ DEFAULT_METRICS_PORTS: dict[str, int] = {
 class Settings(BaseSettings):
     """Runtime configuration of an Omnistock process."""
 
-    model_config = SettingsConfigDict(env_prefix="OMNI_", extra="ignore")
+    # Errors never echo the input: it holds secrets (a NATS password, keys).
+    model_config = SettingsConfigDict(env_prefix="OMNI_", extra="ignore", hide_input_in_errors=True)
 
     environment: Literal["development", "production"] = Field(
         default="development",
@@ -55,6 +57,53 @@ class Settings(BaseSettings):
         default=None,
         description="NATS URL(s), comma-separated; unset means an embedded nats-server.",
     )
+    # NATS authentication (at most one way) and TLS, used by every connection
+    # (omnistock.nats_client.connect); checked together in _check_nats_security.
+    nats_user: str | None = Field(default=None, description="NATS user (with a password).")
+    nats_password: SecretStr | None = Field(
+        default=None, description="Password of OMNI_NATS_USER; never logged."
+    )
+    nats_creds_file: Path | None = Field(
+        default=None, description="A NATS .creds file (user JWT and NKey seed)."
+    )
+    nats_nkey_seed_file: Path | None = Field(
+        default=None, description="A file holding an NKey user seed (plain NKey auth)."
+    )
+    nats_tls_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle that signed the NATS server certificate; unset: system CAs.",
+    )
+    nats_tls_cert_file: Path | None = Field(
+        default=None, description="Client certificate for NATS mutual TLS (with the key)."
+    )
+    nats_tls_key_file: Path | None = Field(
+        default=None, description="Private key of OMNI_NATS_TLS_CERT_FILE."
+    )
+
+    @field_validator(
+        "nats_user",
+        "nats_password",
+        "nats_creds_file",
+        "nats_nkey_seed_file",
+        "nats_tls_ca_file",
+        "nats_tls_cert_file",
+        "nats_tls_key_file",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # Compose files and manifests often set a variable to "" to mean "not set".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _check_nats_security(self) -> Settings:
+        problems = nats_security_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     state_dir: Path = Field(
         default=Path(".omni"),
         description="Where the embedded dev stack keeps its data and logs.",
@@ -193,3 +242,53 @@ class Settings(BaseSettings):
         if not self.nats_url:
             raise RuntimeError("OMNI_NATS_URL is not set (use `omni dev run` for a local stack)")
         return self.nats_url
+
+
+def nats_security_problems(settings: Settings) -> list[str]:
+    """Each wrong combination of the NATS authentication and TLS settings, in words.
+
+    Pure: it looks at the values only. Whether the named files exist is checked
+    when connecting (omnistock.nats_client), so settings validate anywhere.
+    """
+    problems: list[str] = []
+    user, password = settings.nats_user, settings.nats_password
+    if password is not None and user is None:
+        problems.append("OMNI_NATS_PASSWORD is set without OMNI_NATS_USER: set both or neither")
+    if user is not None and password is None:
+        problems.append("OMNI_NATS_USER is set without OMNI_NATS_PASSWORD: set both or neither")
+    ways = [
+        name
+        for name, configured in (
+            ("OMNI_NATS_USER/OMNI_NATS_PASSWORD", user is not None or password is not None),
+            ("OMNI_NATS_CREDS_FILE", settings.nats_creds_file is not None),
+            ("OMNI_NATS_NKEY_SEED_FILE", settings.nats_nkey_seed_file is not None),
+        )
+        if configured
+    ]
+    if len(ways) > 1:
+        problems.append(
+            f"NATS authentication is configured in more than one way ({', '.join(ways)}): "
+            "choose one"
+        )
+    if ways and _url_has_credentials(settings.nats_url):
+        problems.append(
+            f"OMNI_NATS_URL carries credentials and {ways[0]} is set too: "
+            "configure NATS credentials in one place"
+        )
+    if settings.nats_tls_cert_file is not None and settings.nats_tls_key_file is None:
+        problems.append(
+            "OMNI_NATS_TLS_CERT_FILE is set without OMNI_NATS_TLS_KEY_FILE: "
+            "a client certificate needs its private key"
+        )
+    if settings.nats_tls_key_file is not None and settings.nats_tls_cert_file is None:
+        problems.append(
+            "OMNI_NATS_TLS_KEY_FILE is set without OMNI_NATS_TLS_CERT_FILE: "
+            "a private key needs its client certificate"
+        )
+    return problems
+
+
+def _url_has_credentials(urls: str | None) -> bool:
+    return any(
+        "@" in urlsplit(url.strip()).netloc for url in (urls or "").split(",") if url.strip()
+    )

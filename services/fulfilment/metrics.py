@@ -29,6 +29,11 @@ EXPIRED = Counter(
     "not_collected (pickup released).",
     ["cause"],
 )
+# Every cause is exported from the start, at 0, so that the first expiry is
+# seen by increase() and rate() instead of creating its series.
+for _cause in ("not_accepted", "not_collected"):
+    EXPIRED.labels(_cause)
+
 OPEN_TASKS = Gauge(
     "omni_fulfilment_open_tasks",
     "Tasks not yet ended, by kind and status (refreshed by the gauge sweeper).",

@@ -214,7 +214,7 @@ async def open_task_figures(
         SELECT kind, status, count(*) AS tasks,
                extract(epoch FROM now() - min(created_at)) AS oldest_seconds
         FROM fulfilment.fulfilments
-        WHERE status NOT IN ('collected', 'rejected', 'cancelled', 'expired', 'shipped')
+        WHERE status IN ('created', 'accepted', 'picked', 'packed', 'received', 'ready_for_pickup')
            OR (status = 'shipped' AND kind = 'transfer_to_store')
         GROUP BY kind, status
         """

@@ -30,7 +30,7 @@ from omnistock.contract import fulfilment_of
 from omnistock.db import Connection
 from omnistock.logs import get_logger
 from omnistock.messaging.consumer import EventConsumer
-from omnistock.messaging.envelope import unpack
+from omnistock.messaging.envelope import occurred_at, unpack
 from omnistock.service import ServiceContext, consumer
 from services.reservation import convert
 from services.reservation.handlers import (
@@ -136,7 +136,7 @@ def fulfilment_consumer(context: ServiceContext, handlers: ReservationHandlers) 
         )
 
     async def on_transfer_received(
-        conn: Connection, _: event_pb2.EventEnvelope, event: Any
+        conn: Connection, envelope: event_pb2.EventEnvelope, event: Any
     ) -> None:
         await handlers.hold_arrived_transfer(
             conn,
@@ -144,6 +144,7 @@ def fulfilment_consumer(context: ServiceContext, handlers: ReservationHandlers) 
             order_id=event.order_id,
             location_id=event.location_id,
             lines=[(line.sku, line.quantity) for line in event.lines],
+            received_at=occurred_at(envelope),
         )
 
     return consumer(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -40,7 +40,7 @@ from omnistock.idempotency import (
     require_request_id,
     reused,
 )
-from omnistock.logs import get_logger
+from omnistock.logs import current_correlation_id, get_logger
 from omnistock.messaging import outbox
 from omnistock.messaging.envelope import OutgoingEvent
 from omnistock.validation import check_id, check_reason
@@ -62,6 +62,19 @@ RULES_SUBJECT = f"{SUBJECT}.rules.changed"
 LOSS_KINDS = frozenset({"adjustment", "cycle_count", "state_change"})
 # Movements that take a fulfilment's goods away (matched with its consumption).
 DEPARTURE_KINDS = frozenset({"shipment", "transfer_out"})
+# How long a transfer's receipt waits for its shipment's consumption to be seen:
+# within the consumer's retries before dead-lettering (about 7 s at 5 deliveries),
+# and far beyond the milliseconds between two replicas handling the two events.
+ARRIVAL_WAITS_FOR_SHIPMENT = timedelta(seconds=5)
+
+
+class ShipmentNotSeenYet(Exception):
+    """A transfer's receipt came before its shipment was handled; retry the receipt."""
+
+    def __init__(self, fulfilment_id: str) -> None:
+        super().__init__(f"the shipment of transfer {fulfilment_id} is not handled yet")
+
+
 # Namespace of the ids of holds on goods a transfer brought to a pickup store.
 TRANSFER_ARRIVALS = uuid.UUID("117f62d7-1870-4617-a69d-3c714449004b")
 
@@ -94,6 +107,10 @@ class ReserveResult:
 
     reservation: domain.Reservation
     replayed: bool
+
+
+# A Reserve waiting for its batch, with the correlation id of its caller.
+Queued = tuple[domain.Reserve, str | None]
 
 
 @dataclass(frozen=True)
@@ -152,7 +169,9 @@ class ReservationHandlers:
         self._channels = channels
         self._short_grace = short_grace
         self._rules = RulesCache()
-        self.committer: GroupCommitter[domain.Reserve, ReserveResult] = GroupCommitter(
+        # Each queued hold carries its caller's correlation id: the batch's
+        # transaction runs outside the callers' contexts.
+        self.committer: GroupCommitter[Queued, ReserveResult] = GroupCommitter(
             "reservation-reserve",
             self._reserve_batch,
             max_batch=max_batch,
@@ -166,7 +185,7 @@ class ReservationHandlers:
         try:
             require_request_id(command.request_id)
             domain.validate_reserve(command)
-            result = await self.committer.submit(command)
+            result = await self.committer.submit((command, current_correlation_id()))
         except domain.InsufficientStock:
             m.RESERVE_OUTCOMES.labels("insufficient").inc()
             raise
@@ -183,18 +202,17 @@ class ReservationHandlers:
             m.RESERVED_UNITS.inc(sum(line.quantity for line in result.reservation.lines))
         return result
 
-    async def _reserve_batch(
-        self, commands: list[domain.Reserve]
-    ) -> list[ReserveResult | BaseException]:
+    async def _reserve_batch(self, queued: list[Queued]) -> list[ReserveResult | BaseException]:
         return await unit_of_work(
             self.pool,
-            lambda conn: self._place_all(conn, commands),
+            lambda conn: self._place_all(conn, queued),
             retry_unique={IDEMPOTENCY_KEY_CONSTRAINT},
         )
 
     async def _place_all(
-        self, conn: Connection, commands: list[domain.Reserve]
+        self, conn: Connection, queued: list[Queued]
     ) -> list[ReserveResult | BaseException]:
+        commands = [command for command, _ in queued]
         # Five round trips whatever the batch size: locks, context, stock, writes, outbox.
         skus = {line.sku for c in commands for line in c.lines}
         # The SKU locks serialise every writer of these SKUs, so what is read after
@@ -213,7 +231,7 @@ class ReservationHandlers:
         created: list[OutgoingEvent] = []
         new_answers: list[tuple[str, bytes, bytes]] = []
         changes = Changes()
-        for command in commands:
+        for command, correlation_id in queued:
             request_digest = digest(command.content())
             if command.request_id in answers:
                 stored_digest, answer = answers[command.request_id]
@@ -238,10 +256,13 @@ class ReservationHandlers:
             new_answers.append((command.request_id, request_digest, answer))
             placed.append(reservation)
             created.append(
-                _outgoing(
-                    "reservation.created",
-                    events_pb2.ReservationCreated(reservation=wire_form),
-                    reservation,
+                replace(
+                    _outgoing(
+                        "reservation.created",
+                        events_pb2.ReservationCreated(reservation=wire_form),
+                        reservation,
+                    ),
+                    correlation_id=correlation_id,
                 )
             )
             outcomes.append(ReserveResult(reservation, replayed=False))
@@ -623,6 +644,7 @@ class ReservationHandlers:
         order_id: str,
         location_id: str,
         lines: Sequence[tuple[str, int]],
+        received_at: datetime,
     ) -> None:
         """A transfer reached the pickup store: hold its goods there for the order.
 
@@ -632,7 +654,9 @@ class ReservationHandlers:
         in the order's channel. Its id comes from the transfer, so a redelivered
         event adds nothing. The ledger's transfer-in may be projected before or
         after this hold: until it is, the hold is covered by the grace period
-        that departures have too.
+        that departures have too. A receipt handled before its shipment (two
+        replicas) is retried for a while; after that nothing is held, and the
+        log says so.
         """
         reservation_id = str(uuid.uuid5(TRANSFER_ARRIVALS, fulfilment_id))
         if await storage.load_reservations(conn, [reservation_id]):
@@ -640,6 +664,10 @@ class ReservationHandlers:
         consumed = await storage.consumptions_of(conn, fulfilment_id)
         sources = await storage.load_reservations(conn, {rid for rid, _, _ in consumed})
         if not sources:
+            if datetime.now(UTC) - received_at < ARRIVAL_WAITS_FOR_SHIPMENT:
+                # Another replica may still be handling the transfer's shipment:
+                # fail this delivery so the consumer retries it after a back-off.
+                raise ShipmentNotSeenYet(fulfilment_id)
             log.warning(
                 "reservation.transfer_without_hold", fulfilment_id=fulfilment_id, order_id=order_id
             )

@@ -38,6 +38,11 @@ SHORT_LINES = Counter(
     "(loss: damage or count; overdue: a departure never consumed; resync).",
     ["trigger"],
 )
+# Every trigger is exported from the start, at 0, so that the first short line
+# is seen by increase() and rate() instead of creating its series.
+for _trigger in ("loss", "overdue", "resync"):
+    SHORT_LINES.labels(_trigger)
+
 PROJECTION_RESYNCS = Counter(
     "omni_reservation_projection_resyncs_total",
     "Times a gap in the ledger's balance versions made the projection resync from the ledger.",

@@ -22,6 +22,11 @@ REPLANS = Counter(
     "Plans redone because stock moved between plan and hold, or a source's capacity filled.",
     ["cause"],
 )
+# Every cause is exported from the start, at 0, so that the first replan is
+# seen by increase() and rate() instead of creating its series.
+for _cause in ("capacity", "stock_moved"):
+    REPLANS.labels(_cause)
+
 REROUTES = Counter(
     "omni_routing_reroutes_total",
     "Orders routed again after a source failed them, by cause.",

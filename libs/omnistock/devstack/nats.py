@@ -42,6 +42,9 @@ class EmbeddedNats:
     monitor_port: int
     host: str = "127.0.0.1"
     sync_always: bool = True
+    # More server configuration (authorization, tls blocks), as the tests of
+    # NATS security use; the dev stack adds none.
+    extra_config: str = ""
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -71,7 +74,7 @@ class EmbeddedNats:
             "jetstream {\n"
             f'  store_dir: "{self.store_dir}"\n'
             f"  sync_interval: {sync}\n"
-            "}\n"
+            "}\n" + self.extra_config
         )
 
     def start(self, timeout: float = 15.0) -> None:

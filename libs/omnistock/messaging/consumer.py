@@ -33,6 +33,8 @@ from omnistock.messaging.envelope import MSG_ID_HEADER, occurred_at
 log = get_logger(__name__)
 
 EventHandler = Callable[[Connection, event_pb2.EventEnvelope, Any], Awaitable[None]]
+# The outcomes omni_consumer_messages_total counts.
+OUTCOMES = ("processed", "duplicate", "ignored", "retried", "dead_lettered")
 DLQ_SUBJECT_PREFIX = "omni.dlq"
 
 
@@ -100,6 +102,17 @@ class EventConsumer:
         self._ack_wait = ack_wait_seconds
         self._fetch_timeout = fetch_timeout
         self._stopping = asyncio.Event()
+        # Export every counter of this consumer from the start, at 0: a series that
+        # first appears with its first dead letter or redelivery is invisible to
+        # increase() and rate(), so alerts and the dashboard would miss it.
+        for counter in (
+            metrics.CONSUMER_REDELIVERIES,
+            metrics.CONSUMER_DEAD_LETTERS,
+            metrics.CONSUMER_ERRORS,
+        ):
+            counter.labels(consumer=name)
+        for outcome in OUTCOMES:
+            metrics.CONSUMER_MESSAGES.labels(consumer=name, outcome=outcome)
 
     async def ensure(self) -> None:
         """Create or update the durable consumer on the stream."""
@@ -161,29 +174,58 @@ class EventConsumer:
         started = time.perf_counter()
         try:
             envelope = _decode(message)
-            outcome = await self._apply(envelope)
         except PoisonMessage as exc:
             await self._dead_letter(message, exc, failures=0)
             return
+        # Everything done for this event (its effect, the events that effect
+        # appends to the outbox, the log lines of the handler, of a retry or a
+        # dead letter, and the line below) carries the event's correlation id:
+        # that is how one order is followed through every service's logs.
+        with correlation_scope(envelope.correlation_id or None, envelope.event_id):
+            outcome = await self._handle_envelope(message, envelope, deliveries)
+            if outcome is None:
+                return
+            metrics.CONSUMER_HANDLING_SECONDS.labels(**labels).observe(
+                time.perf_counter() - started
+            )
+            metrics.CONSUMER_MESSAGES.labels(consumer=self.name, outcome=outcome).inc()
+            if outcome != "ignored":  # not logged: most consumers skip most event types
+                log.info(
+                    "consumer.handled",
+                    consumer=self.name,
+                    event_type=envelope.event_type,
+                    event_id=envelope.event_id,
+                    outcome=outcome,
+                )
+
+    async def _handle_envelope(
+        self, message: Msg, envelope: event_pb2.EventEnvelope, deliveries: int
+    ) -> str | None:
+        """Apply the event and ack it; returns the outcome, or None when the message was
+        retried or dead-lettered instead."""
+        try:
+            outcome = await self._apply(envelope)
+        except PoisonMessage as exc:
+            await self._dead_letter(message, exc, failures=0)
+            return None
         except TRANSIENT_ERRORS as exc:
             await self._retry_later(message, exc, deliveries)
-            return
+            return None
         except Exception as exc:
             try:
                 failures = await self._count_failure(envelope.event_id, exc)
             except TRANSIENT_ERRORS as unreachable:
                 await self._retry_later(message, unreachable, deliveries)
-                return
+                return None
             if failures >= self._max_deliveries:
                 await self._dead_letter(message, exc, failures=failures)
-                return
+                return None
             log.warning("consumer.retry", consumer=self.name, failures=failures, error=repr(exc))
             await message.nak(delay=_backoff(failures))
             metrics.CONSUMER_MESSAGES.labels(consumer=self.name, outcome="retried").inc()
-            return
+            return None
         await message.ack_sync()
-        metrics.CONSUMER_HANDLING_SECONDS.labels(**labels).observe(time.perf_counter() - started)
-        metrics.CONSUMER_MESSAGES.labels(consumer=self.name, outcome=outcome).inc()
+        return outcome
 
     async def _retry_later(self, message: Msg, error: BaseException, deliveries: int) -> None:
         # The infrastructure failed, not the message: retried for as long as it
@@ -235,8 +277,7 @@ class EventConsumer:
             await handler(conn, envelope, payload)
             return True
 
-        with correlation_scope(envelope.correlation_id or None, envelope.event_id):
-            applied = await unit_of_work(self._pool, work)
+        applied = await unit_of_work(self._pool, work)  # in the caller's correlation scope
         return "processed" if applied else "duplicate"
 
     async def _dead_letter(self, message: Msg, error: Exception, *, failures: int) -> None:

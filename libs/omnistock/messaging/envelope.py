@@ -25,14 +25,17 @@ class OutgoingEvent:
     payload: Message
     ordering_key: str = ""
     occurred_at: datetime | None = None
+    # The correlation id of the request behind the event, when it is not the
+    # current one: a group-committed batch writes the events of many requests.
+    correlation_id: str | None = None
 
 
 def wrap(event: OutgoingEvent, producer: str) -> event_pb2.EventEnvelope:
-    """Put ``event`` in a fresh envelope carrying the current correlation context."""
+    """Put ``event`` in a fresh envelope carrying its (or the current) correlation context."""
     envelope = event_pb2.EventEnvelope(
         event_id=new_id(),
         event_type=event.payload.DESCRIPTOR.full_name,
-        correlation_id=current_correlation_id() or "",
+        correlation_id=event.correlation_id or current_correlation_id() or "",
         causation_id=current_causation_id() or "",
         producer=producer,
         ordering_key=event.ordering_key,

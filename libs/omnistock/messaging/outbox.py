@@ -88,6 +88,15 @@ class OutboxRelay:
         # One publisher per schema at a time, across all replicas.
         self._lock_key = zlib.crc32(f"omni-outbox:{schema}".encode())
         self._labels = {"service": schema}
+        # Export the relay's counters from the start, at 0: a series that first
+        # appears with its first error is invisible to increase() and rate(), so
+        # alerts and the dashboard would miss exactly that first error.
+        for counter in (
+            metrics.OUTBOX_PUBLISHED,
+            metrics.OUTBOX_DUPLICATES,
+            metrics.OUTBOX_PUBLISH_ERRORS,
+        ):
+            counter.labels(**self._labels)
         self._backlog_reported_at = 0.0
         self._channel = f"omni_outbox_{schema}"
 

@@ -13,6 +13,9 @@ from omni.fulfilment.v1 import resources_pb2 as res
 from omni.ledger.v1 import ledger_service_pb2 as ledger_pb
 from omni.routing.v1 import resources_pb2 as routing_pb
 from omni.routing.v1 import routing_service_pb2 as routing_service_pb
+from omnistock.db import Pool
+from services.fulfilment import storage
+from services.fulfilment.domain import Kind, Status
 from tests.integration.conftest import eventually
 from tests.integration.fulfilment.conftest import FulfilmentStub
 from tests.integration.helpers import failure
@@ -200,3 +203,19 @@ async def test_a_cancelled_line_leaves_the_task_and_a_shipped_task_leaves_the_qu
     await eventually(
         lambda: world.get(order.order_id), lambda o: o.status == routing_pb.ORDER_STATUS_FULFILLED
     )
+
+
+async def test_the_open_task_gauges_count_waiting_work_by_kind_and_status(
+    world: World, fulfilment: FulfilmentStub, pool: Pool
+) -> None:
+    await world.build({"utrecht": ("store", UTRECHT)})
+    (sku,) = world.skus
+    await world.stock(sku, "utrecht", 2)
+    await world.known_to_routing()
+    await world.route([(sku, 1)], to=NIEUWEGEIN)
+    await eventually(lambda: queue(fulfilment, world.id("utrecht")), lambda q: len(q) == 1)
+    async with pool.acquire() as conn:
+        counts, oldest = await storage.open_task_figures(conn)
+    assert counts[(Kind.SHIP_FROM_STORE, Status.CREATED)] >= 1
+    assert oldest[Kind.SHIP_FROM_STORE] > 0
+    assert all(status not in (Status.COLLECTED, Status.CANCELLED) for _, status in counts)

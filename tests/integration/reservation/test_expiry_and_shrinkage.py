@@ -207,9 +207,10 @@ async def test_fulfilment_events_consume_and_release_order_holds(
 
     final = await eventually(lines, lambda found: res.LINE_STATUS_ACTIVE not in found.values())
     assert final == {sku: res.LINE_STATUS_CONSUMED, other: res.LINE_STATUS_RELEASED}
-    # The consumed units count as departing until the ledger's shipment (posted
-    # from the same event) is projected.
-    await eventually(lambda: shop.figure(sku, store), lambda f: f.reserved == 0)
+    # The shipped units count as departing until the ledger's shipment is projected.
+    await eventually(
+        lambda: shop.figure(sku, store), lambda f: (f.on_hand, f.reserved, f.available) == (2, 0, 2)
+    )
     assert (await shop.figure(other, store)).reserved == 0
     consumed = await pool.fetchval(
         "SELECT sum(quantity) FROM reservation.consumptions WHERE fulfilment_id = $1",
