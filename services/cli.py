@@ -20,7 +20,7 @@ from omnistock.grpc.client import ChannelFactory
 from omnistock.logs import configure_logging
 from omnistock.messaging.dead_letters import read_dead_letters, replay
 from omnistock.migrations import migrate
-from omnistock.nats_client import connect
+from omnistock.nats_client import connect, redact_url
 from omnistock.settings import Settings
 from services.demo.journey import JourneyConfig, JourneyFailed, run_journey
 from services.demo.network import DemoSummary, load_demo, read_demo
@@ -185,7 +185,7 @@ def _print_endpoints(settings: Settings, database_url: str, nats_url: str) -> No
         metrics = f"http://{settings.metrics_host}:{settings.metrics_port(spec.name)}/metrics"
         typer.echo(f"  {spec.name:<12} {grpc_address:<22} {metrics}")
     typer.echo(f"\n  PostgreSQL   {database_url}")
-    typer.echo(f"  NATS         {nats_url}\n")
+    typer.echo(f"  NATS         {redact_url(nats_url)}\n")
 
 
 def _wait_for_signal() -> None:

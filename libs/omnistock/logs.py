@@ -19,6 +19,10 @@ _correlation_id: ContextVar[str | None] = ContextVar("omni_correlation_id", defa
 _causation_id: ContextVar[str | None] = ContextVar("omni_causation_id", default=None)
 
 
+# The gRPC metadata key the correlation id travels in, from client to server.
+CORRELATION_HEADER = "x-correlation-id"
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json", service: str | None = None) -> None:
     """Configure structlog and the standard library to emit one line per event.
 

@@ -198,7 +198,9 @@ async def start_service(
         min_size=settings.db_pool_min_size,
         max_size=settings.db_pool_max_size,
     )
-    client = await connect(settings.require_nats_url(), name=f"omnistock-{spec.name}")
+    client = await connect(
+        settings.require_nats_url(), name=f"omnistock-{spec.name}", settings=settings
+    )
     js = client.jetstream()
     context = ServiceContext(settings=settings, pool=pool, nats=client, js=js, channels=channels)
 

@@ -64,6 +64,7 @@ from omni.routing.v1 import routing_service_pb2_grpc as routing_grpc
 from omnistock.devstack.stack import embedded_database_url
 from omnistock.grpc.client import ChannelFactory
 from omnistock.messaging.envelope import unpack
+from omnistock.nats_client import connect_options
 from omnistock.settings import Settings
 from services.ledger.audit import audit
 
@@ -179,12 +180,15 @@ async def _connected(config: JourneyConfig) -> AsyncIterator[_Clients]:
         """Connection errors surface as the failure below, not as a traceback per try."""
 
     try:
+        # Its own options (fail fast: a demo, not a service), with the configured
+        # NATS credentials and TLS like every other connection.
         client = await nats.connect(
             servers=[server.strip() for server in config.nats_url.split(",")],
             name="omnistock-journey",
             connect_timeout=3,
             max_reconnect_attempts=1,
             error_cb=quiet,
+            **connect_options(Settings()),
         )
     except (nats.errors.NoServersError, OSError, TimeoutError) as error:
         raise JourneyFailed(

@@ -15,9 +15,8 @@ an availability watcher, a refused batch), and then:
   service's ``/metrics``;
 - every line the services log is a JSON object, and the correlation id the
   client sent with one click-and-collect order shows up in the logs of all
-  four services, carried there by events (the hop from routing's Reserve call
-  into the reservation service's events still drops it: a strict xfail says
-  so until that is fixed).
+  four services, carried there by events and by routing's own gRPC calls (the
+  hold routing places carries the order's id).
 
 Prometheus's storage lives in a temporary folder outside pytest's temporary
 root (another pytest session prunes old folders there).
@@ -56,7 +55,7 @@ from omni.reservation.v1 import reservation_service_pb2 as reservation_pb
 from omni.routing.v1 import resources_pb2 as routing_res
 from omnistock.devstack.ports import free_port
 from omnistock.devstack.stack import EmbeddedStack
-from omnistock.grpc.interceptors import CORRELATION_HEADER
+from omnistock.logs import CORRELATION_HEADER
 from omnistock.messaging.envelope import unpack
 from omnistock.settings import ServiceName
 from services.registry import REPO_ROOT
@@ -648,14 +647,6 @@ def test_production_logging_renders_library_lines_as_json_too() -> None:
     assert lines[1]["logger"] == "asyncio" and lines[1]["level"] == "warning"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two hops drop the id today: routing's gRPC calls to the reservation service do "
-    "not forward x-correlation-id (needs a client interceptor in omnistock.grpc), and Reserve "
-    "is group-committed, so a batch's events are appended outside each caller's correlation "
-    "scope and carry an empty id (needs the id per command in omnistock.group_commit and the "
-    "reservation handler)",
-)
 async def test_the_hold_routing_places_carries_the_orders_correlation_id(
     stack: ProcessStack, traffic: Traffic
 ) -> None:

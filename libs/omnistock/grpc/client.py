@@ -4,8 +4,10 @@
 ``OMNI_TLS_CA_FILE``, presenting ``OMNI_TLS_CERT_FILE``/``KEY_FILE`` as the
 client certificate for mutual TLS) and attaches the bearer token to every call
 through a client interceptor (call credentials would need TLS; a plaintext
-development stack must carry the token too). Services calling each other, the
-CLI, the demo, the dev supervisor, benchmarks and tests all use it.
+development stack must carry the token too). The same interceptor passes the
+current correlation id on, so a request is followed from service to service.
+Services calling each other, the CLI, the demo, the dev supervisor, benchmarks
+and tests all use it.
 """
 
 from __future__ import annotations
@@ -17,21 +19,26 @@ from typing import Any
 
 import grpc
 
+from omnistock.logs import CORRELATION_HEADER, current_correlation_id
 from omnistock.settings import Settings
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
 
 class _BearerToken:
-    """Adds ``authorization: Bearer <token>`` to a call's metadata."""
+    """Adds ``authorization: Bearer <token>`` (when there is a token) and the
+    current correlation id (when one is bound) to a call's metadata."""
 
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, token: str | None) -> None:
+        self._header = ("authorization", f"Bearer {token}") if token else None
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        if not metadata.get_all("authorization"):
+        if self._header is not None and not metadata.get_all("authorization"):
             metadata.add(*self._header)
+        correlation_id = current_correlation_id()
+        if correlation_id and not metadata.get_all(CORRELATION_HEADER):
+            metadata.add(CORRELATION_HEADER, correlation_id)
         return grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
@@ -62,7 +69,7 @@ class _StreamStreamToken(_BearerToken, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), requests)
 
 
-def _token_interceptors(token: str) -> list[Any]:
+def _token_interceptors(token: str | None) -> list[Any]:
     kinds = (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)
     return [kind(token) for kind in kinds]
 
@@ -116,7 +123,7 @@ class ChannelFactory:
 
     def open(self, target: str, options: ChannelOptions = ()) -> grpc.aio.Channel:
         """A channel to ``target`` (host:port); close it (or use ``async with``) when done."""
-        interceptors = _token_interceptors(self.token) if self.token else None
+        interceptors = _token_interceptors(self.token)
         merged = [*self.options, *options]
         credentials = self.credentials()
         if credentials is None:

@@ -21,11 +21,9 @@ from omnistock import metrics
 from omnistock.errors import DomainError
 from omnistock.grpc import Context
 from omnistock.grpc.errors import internal_status, to_status
-from omnistock.logs import correlation_scope, get_logger
+from omnistock.logs import CORRELATION_HEADER, correlation_scope, get_logger
 
 log = get_logger(__name__)
-
-CORRELATION_HEADER = "x-correlation-id"
 
 
 def _split(method_name: str) -> tuple[str, str]:

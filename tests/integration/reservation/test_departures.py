@@ -83,14 +83,20 @@ async def test_a_departure_the_projection_went_past_still_ends_the_departing_uni
 
 
 async def test_a_transfers_receipt_before_its_shipment_is_retried_then_holds_the_goods(
-    network: Network, reservations: ReservationStub, pool: Pool, settings: Settings
+    network: Network,
+    reservations: ReservationStub,
+    pool: Pool,
+    settings: Settings,
+    channels: ChannelFactory,
 ) -> None:
     shop = await Shop(network, reservations).open(stores=2)
     sku, (source, pickup) = shop.skus[0], shop.stores
     await shop.stock(sku, source, 3)
     order_id = f"order-{uuid.uuid4().hex[:8]}"
     await shop.reserve([(sku, source, 2)], kind=ORDER, reference=order_id)
-    handlers = ReservationHandlers(pool, ledger_target=settings.grpc_target("ledger"))
+    handlers = ReservationHandlers(
+        pool, ledger_target=settings.grpc_target("ledger"), channels=channels
+    )
     transfer_id = f"t-{uuid.uuid4().hex[:8]}"
 
     async def receive(conn: Connection, at: datetime, fulfilment_id: str = transfer_id) -> None:

@@ -12,7 +12,7 @@ from omni.ledger.v1 import ledger_service_pb2 as pb
 from omni.ledger.v1 import ledger_service_pb2_grpc as pb_grpc
 from omnistock.db import Pool
 from omnistock.grpc.health import health_check
-from omnistock.grpc.interceptors import CORRELATION_HEADER
+from omnistock.logs import CORRELATION_HEADER
 from omnistock.service import start_service
 from omnistock.settings import Settings
 from services.ledger.app import SPEC as LEDGER
