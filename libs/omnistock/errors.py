@@ -75,6 +75,10 @@ class Aborted(DomainError):
     """A concurrency conflict the caller may resolve by retrying."""
 
 
+class ResourceExhausted(DomainError):
+    """The caller holds as much of a limited resource as it may (e.g. open streams)."""
+
+
 def _summarise(violations: Sequence[FieldViolation]) -> str:
     if not violations:
         return "The request is invalid."

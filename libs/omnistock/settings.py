@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     # Seconds between turning health NOT_SERVING and refusing calls, so load
     # balancers stop routing first (5 in Kubernetes; 0 locally).
     grpc_drain_seconds: float = 0.0
+    # The largest message a gRPC server takes or sends, in bytes; a bigger
+    # request is refused with RESOURCE_EXHAUSTED before any handler runs.
+    grpc_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     outbox_poll_interval_seconds: float = 1.0
     outbox_batch_size: int = 256
     outbox_retention_hours: float = 24.0

@@ -43,3 +43,21 @@ def check_reason(value: str, path: str, *, required: bool) -> list[FieldViolatio
     if not REASON_PATTERN.fullmatch(value):
         return [FieldViolation(path, f"{value[:40]!r} is not a reason code; use {REASON_RULE}")]
     return []
+
+
+def shown(value: str, limit: int = 40) -> str:
+    """``value`` quoted for an error message, cut to ``limit`` characters.
+
+    Errors travel in gRPC trailing metadata, which clients refuse above 8-16 KB:
+    a message must never echo a client's string whole.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def check_count(count: int, path: str, limit: int, noun: str) -> list[FieldViolation]:
+    """Problems with the size of a list: more than ``limit`` ``noun`` in one request."""
+    if count > limit:
+        return [FieldViolation(path, f"at most {limit} {noun} per request, got {count}")]
+    return []

@@ -23,9 +23,16 @@ from datetime import datetime
 from enum import Enum
 
 from omnistock.errors import FailedPrecondition, FieldViolation, InvalidArgument, PermissionDenied
+from omnistock.validation import check_count, check_id, check_text
 
 PICKUP_CODE_DIGITS = 6
 WRONG_PICKUP_CODE = "WRONG_PICKUP_CODE"
+# Input limits: SKUs named in one pick, the length of a typed pickup code, a
+# queue page and the statuses a queue is filtered by.
+MAX_PICKED_SKUS = 100
+MAX_PICKUP_CODE_LENGTH = 32
+MAX_PAGE_SIZE = 200
+MAX_PAGE_TOKEN_LENGTH = 200
 
 
 class Kind(Enum):
@@ -163,11 +170,14 @@ def confirm_pick(f: Fulfilment, picked: Mapping[str, int]) -> tuple[Fulfilment, 
     """
     _need(f, "picked", Status.ACCEPTED)
     skus = {item.sku for item in f.items}
-    problems = [
-        FieldViolation(f"lines[{sku}]", f"{sku} is not part of this fulfilment")
-        for sku in picked
-        if sku not in skus
-    ]
+    problems = check_count(len(picked), "lines", MAX_PICKED_SKUS, "SKUs")
+    for sku in list(picked)[:MAX_PICKED_SKUS]:
+        if sku in skus:
+            continue
+        # A malformed SKU is named cut short: an error never echoes a huge string.
+        problems += check_id(sku, "lines", "the sku") or [
+            FieldViolation(f"lines[{sku}]", f"{sku} is not part of this fulfilment")
+        ]
     for item in f.items:
         units = picked.get(item.sku)
         if units is None:
@@ -218,6 +228,28 @@ def mark_ready(f: Fulfilment, code: str, secret: bytes) -> Fulfilment:
     else:
         raise illegal(f, "marked ready for pickup (it ships to the customer)")
     return replace(f, status=Status.READY_FOR_PICKUP, pickup_code_hash=code_hash(code, secret))
+
+
+def check_pickup_code(code: str) -> None:
+    """Reject a pickup code no customer could have been given, before anything is read."""
+    problems = check_text(code, "pickup_code", MAX_PICKUP_CODE_LENGTH)
+    if not code.strip():
+        problems.append(FieldViolation("pickup_code", "the customer's pickup code is required"))
+    if problems:
+        raise InvalidArgument(problems)
+
+
+def queue_problems(
+    location_id: str, statuses: int, page_size: int, page_token: str
+) -> list[FieldViolation]:
+    """What is wrong with a ListFulfilments request (``statuses``: how many were given)."""
+    problems = check_id(location_id, "location_id", "the location")
+    problems += check_count(statuses, "statuses", len(Status), "statuses")
+    if not 0 <= page_size <= MAX_PAGE_SIZE:
+        problems.append(FieldViolation("page_size", f"must be 0 (the default) to {MAX_PAGE_SIZE}"))
+    if len(page_token) > MAX_PAGE_TOKEN_LENGTH:
+        problems.append(FieldViolation("page_token", "is not a token this service gave"))
+    return problems
 
 
 def collect(f: Fulfilment, code: str, secret: bytes) -> Fulfilment:

@@ -41,7 +41,6 @@ from services.fulfilment.domain import ENDED, Fulfilment, Item, Status
 SCHEMA = "fulfilment"
 PRODUCER = "fulfilment"
 SUBJECT = "omni.fulfilment.fulfilment"
-MAX_PAGE_SIZE = 200
 DEFAULT_PAGE_SIZE = 50
 OPEN = tuple(s for s in Status if s not in ENDED)
 # The step label of each RPC in omni_fulfilment_steps_total.
@@ -176,7 +175,7 @@ class FulfilmentHandlers:
         self, location_id: str, statuses: Sequence[int], page_size: int, page_token: str
     ) -> tuple[list[Fulfilment], str]:
         """A location's tasks, oldest first, a page at a time."""
-        problems = check_id(location_id, "location_id", "the location")
+        problems = domain.queue_problems(location_id, len(statuses), page_size, page_token)
         wanted = []
         for i, value in enumerate(statuses):
             status = convert.STATUSES_IN.get(value)  # type: ignore[call-overload]
@@ -184,14 +183,15 @@ class FulfilmentHandlers:
                 problems.append(FieldViolation(f"statuses[{i}]", "not a fulfilment status"))
             else:
                 wanted.append(status)
-        if not 0 <= page_size <= MAX_PAGE_SIZE:
-            problems.append(FieldViolation("page_size", f"must be 1 to {MAX_PAGE_SIZE}"))
         after = None
-        if page_token:
+        if page_token and len(page_token) <= domain.MAX_PAGE_TOKEN_LENGTH:
             try:
                 stamp, last_id = base64.urlsafe_b64decode(page_token.encode()).decode().split("|")
-                after = (datetime.fromisoformat(stamp), str(uuid.UUID(last_id)))
-            except ValueError:
+                at = datetime.fromisoformat(stamp)
+                if at.tzinfo is None:
+                    raise ValueError("the tokens this service gives carry the UTC offset")
+                after = (at.astimezone(UTC), str(uuid.UUID(last_id)))
+            except (ValueError, OverflowError):  # a forged token, e.g. year 1 at +14:00
                 problems.append(FieldViolation("page_token", "is not a token this service gave"))
         if problems:
             raise InvalidArgument(problems)
@@ -369,6 +369,7 @@ class FulfilmentHandlers:
 
     def collect(self, code: str) -> Step:
         """The customer collects with the right code."""
+        domain.check_pickup_code(code)
 
         def apply(f: Fulfilment) -> tuple[Fulfilment, list[OutgoingEvent]]:
             done = domain.collect(f, code, self.code_secret)

@@ -1145,7 +1145,9 @@ def check_availability_request(
     for i, sku in enumerate(skus[: domain.MAX_AVAILABILITY_SKUS]):
         problems += check_id(sku, f"skus[{i}]", "the sku")
     if len(location_ids) > domain.MAX_CHANNEL_LOCATIONS:
-        problems.append(FieldViolation("location_ids", "too many locations"))
+        problems.append(
+            FieldViolation("location_ids", f"at most {domain.MAX_CHANNEL_LOCATIONS} locations")
+        )
     for i, loc in enumerate(location_ids[: domain.MAX_CHANNEL_LOCATIONS]):
         problems += check_id(loc, f"location_ids[{i}]", "the location id")
     if problems:

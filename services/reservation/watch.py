@@ -5,7 +5,8 @@ figure it hears on NATS; each subscription keeps at most one unsent figure per
 (sku, location), so a slow reader costs memory bounded by what it watches, and
 never stalls the feed or other readers. A reader whose oldest unsent figure
 waited longer than ``max_lag`` is dropped and told to resubscribe (checked on
-every change and periodically by the feed).
+every change and periodically by the feed). One client may hold at most
+``max_per_client`` streams at once; one more is refused (RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -14,17 +15,29 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 
+from omnistock.errors import ResourceExhausted
 from services.reservation import metrics as m
 from services.reservation.domain import Figure
 
 FigureKey = tuple[str, str]  # (sku, location_id); location "" is the network figure
+# Concurrent WatchAvailability streams one client may hold: a channel's
+# storefront needs a handful; each stream costs memory for what it watches.
+MAX_WATCHES_PER_CLIENT = 64
 
 
 class Subscription:
     """One WatchAvailability stream's interest and its unsent figures."""
 
-    def __init__(self, channel: str, skus: Iterable[str], location_ids: Iterable[str]) -> None:
+    def __init__(
+        self,
+        channel: str,
+        skus: Iterable[str],
+        location_ids: Iterable[str],
+        client: str | None = None,
+    ) -> None:
         self.channel = channel
+        # Who holds the stream (counted against its limit until unsubscribed).
+        self.client = client
         self.skus = frozenset(skus)
         self.location_ids = frozenset(location_ids)
         self.ready = asyncio.Event()
@@ -99,17 +112,47 @@ class Subscription:
 class AvailabilityHub:
     """Routes figures to the subscriptions that watch their SKU."""
 
-    def __init__(self, *, max_lag: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        max_lag: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_per_client: int = MAX_WATCHES_PER_CLIENT,
+    ) -> None:
         self._max_lag = max_lag
         self._clock = clock
+        self._max_per_client = max_per_client
         self._by_sku: dict[str, set[Subscription]] = {}
         self._all: set[Subscription] = set()
+        self._per_client: dict[str, int] = {}
 
     def subscribe(
-        self, channel: str, skus: Iterable[str], location_ids: Iterable[str]
+        self,
+        channel: str,
+        skus: Iterable[str],
+        location_ids: Iterable[str],
+        *,
+        client: str | None = None,
     ) -> Subscription:
-        """Start receiving figures for ``skus`` of ``channel``."""
-        subscription = Subscription(channel, skus, location_ids)
+        """Start receiving figures for ``skus`` of ``channel``.
+
+        ``client`` names who watches — the caller's identity once calls carry
+        one, else its connection (``context.peer()``); ``None`` is not counted.
+        A client already holding ``max_per_client`` streams is refused with
+        ``ResourceExhausted`` (reason ``TOO_MANY_WATCHES``) until it closes one.
+        """
+        if client is not None:
+            holding = self._per_client.get(client, 0)
+            if holding >= self._max_per_client:
+                raise ResourceExhausted(
+                    "TOO_MANY_WATCHES",
+                    f"This client already holds {holding} WatchAvailability streams, the "
+                    f"most one client may hold at once ({self._max_per_client}); close one "
+                    "or watch more SKUs per stream.",
+                    {"open_streams": str(holding), "limit": str(self._max_per_client)},
+                )
+            self._per_client[client] = holding + 1
+        subscription = Subscription(channel, skus, location_ids, client)
         for sku in subscription.skus:
             self._by_sku.setdefault(sku, set()).add(subscription)
         self._all.add(subscription)
@@ -126,6 +169,17 @@ class AvailabilityHub:
                     del self._by_sku[sku]
         self._all.discard(subscription)
         m.WATCH_SUBSCRIBERS.set(len(self._all))
+        client, subscription.client = subscription.client, None  # counted back once
+        if client is not None:
+            left = self._per_client.get(client, 0) - 1
+            if left > 0:
+                self._per_client[client] = left
+            else:
+                self._per_client.pop(client, None)
+
+    def streams_of(self, client: str) -> int:
+        """How many streams ``client`` holds now."""
+        return self._per_client.get(client, 0)
 
     def publish(self, figures: Iterable[Figure]) -> None:
         """Offer ``figures`` to every subscription watching them."""

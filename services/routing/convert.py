@@ -81,7 +81,9 @@ def order_in(
         customer=customer_in(request.customer, request.customer.HasField("position")),
         lines=tuple(domain.LineInput(line.sku, line.quantity) for line in request.lines),
         allow_split=options.allow_split,
-        deliver_by=wire.to_datetime(options.deliver_by) if options.HasField("deliver_by") else None,
+        deliver_by=wire.timestamp_in(
+            options.deliver_by, options.HasField("deliver_by"), "options.deliver_by"
+        ),
         cart_reservation_id=request.cart_reservation_id,
         order_id=request.order_id if isinstance(request, service_pb.RouteOrderRequest) else "",
     )

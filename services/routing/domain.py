@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import Enum
 
 from omnistock.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
-from omnistock.validation import check_id, check_reason, check_text
+from omnistock.validation import check_count, check_id, check_reason, check_text, shown
 from services.routing.planner import (
     FulfilmentType,
     GeoPoint,
@@ -283,14 +283,21 @@ def check_rules(rules: Rules, known: Iterable[str]) -> None:
         problems.append(FieldViolation("rules.max_replans", "must be 0-10"))
     if not _valid_zone(rules.time_zone):
         problems.append(
-            FieldViolation("rules.time_zone", f"{rules.time_zone!r} is not an IANA time zone")
+            FieldViolation("rules.time_zone", f"{shown(rules.time_zone)} is not an IANA time zone")
         )
     known_ids = set(known)
-    named = [*sorted(rules.excluded_location_ids), *sorted(rules.priorities)]
+    named = [
+        *(("rules.excluded_location_ids", loc) for loc in sorted(rules.excluded_location_ids)),
+        *(("rules.priorities", loc) for loc in sorted(rules.priorities)),
+    ]
     if len(named) > MAX_RULE_LOCATIONS:
         problems.append(FieldViolation("rules", f"at most {MAX_RULE_LOCATIONS} locations named"))
-    for loc in named[:MAX_RULE_LOCATIONS]:
-        if loc not in known_ids:
+    for path, loc in named[:MAX_RULE_LOCATIONS]:
+        # A malformed id is named cut short: an error never echoes a huge string.
+        malformed = check_id(loc, path, "the location id")
+        if malformed:
+            problems += malformed
+        elif loc not in known_ids:
             problems.append(FieldViolation("rules", f"unknown location {loc!r}"))
     if problems:
         raise InvalidArgument(problems)
@@ -311,8 +318,9 @@ def _valid_zone(name: str) -> bool:
 def check_cancel(order: Order, line_numbers: Sequence[int], reason_code: str) -> list[int]:
     """The lines a cancel applies to; refuses unknown or finished lines."""
     problems = check_reason(reason_code, "reason_code", required=True)
+    problems += check_count(len(line_numbers), "line_numbers", MAX_LINES, "line numbers")
     numbers = {line.line_number for line in order.lines}
-    for i, n in enumerate(line_numbers):
+    for i, n in enumerate(line_numbers[:MAX_LINES]):
         if n not in numbers:
             problems.append(FieldViolation(f"line_numbers[{i}]", f"the order has no line {n}"))
     if problems:
@@ -677,6 +685,8 @@ def check_return_request(
         problems += check_id(line.sku, f"lines[{i}].sku", "the sku")
         if line.quantity < 1:
             problems.append(FieldViolation(f"lines[{i}].quantity", "must be at least 1"))
+        elif line.quantity > MAX_QUANTITY:
+            problems.append(FieldViolation(f"lines[{i}].quantity", f"at most {MAX_QUANTITY}"))
         if line.condition is None:
             problems.append(
                 FieldViolation(f"lines[{i}].condition", "say SELLABLE, DAMAGED or NEEDS_INSPECTION")

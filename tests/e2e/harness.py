@@ -5,7 +5,10 @@ against one PostgreSQL database and one nats-server, each service on free gRPC
 and metrics ports given through ``OMNI_*`` variables, with short timings for
 tests. It waits until every service answers its health check, hands out typed
 stubs, SIGKILLs and restarts a service or nats-server itself, and keeps each
-process's output in a log file that a failing test shows.
+process's output in a log file that a failing test shows. With ``replicas=2``
+(or more) it runs that many processes of every service, each on its own
+ports, sharing the database, the streams and the durable consumers, as a
+scaled-out deployment does.
 
 The checkers prove, after a scenario, what must hold whatever happened:
 
@@ -182,6 +185,7 @@ class ServiceRun:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    replica: int = 0  # 0 is the service's first process, the one ``services`` names
 
     @property
     def running(self) -> bool:
@@ -207,6 +211,13 @@ class ProcessStack:
     ``overrides`` are ``OMNI_*`` variables on top of :data:`TEST_ENV`, for a
     test that needs, say, a short pickup window. The stack owns its processes;
     it owns the nats-server only when ``owns_nats`` (then :meth:`stop` stops it).
+
+    ``replicas`` runs that many processes of every service. ``services`` names
+    the first of each (what :meth:`kill`, :meth:`restart` and the stubs such as
+    :attr:`ledger` use); :meth:`replicas_of` lists all of them, and
+    :meth:`ledger_replica` and its siblings give a stub of any one. Replica
+    ``k`` of routing and of the reservation service call replica ``k`` of the
+    services they depend on, so calls spread over every process.
     """
 
     def __init__(
@@ -217,7 +228,10 @@ class ProcessStack:
         log_dir: Path,
         overrides: Mapping[str, str] | None = None,
         owns_nats: bool = False,
+        replicas: int = 1,
     ) -> None:
+        if replicas < 1:
+            raise ValueError(f"replicas must be 1 or more, got {replicas}")
         self.database_url = database_url
         self.nats = nats
         self.owns_nats = owns_nats
@@ -227,8 +241,17 @@ class ProcessStack:
             name: ServiceRun(name, free_port(), free_port(), log_dir / f"{name}.log")
             for name in SERVICES
         }
+        # The second and further process of each service.
+        self.extra_replicas: dict[ServiceName, list[ServiceRun]] = {
+            name: [
+                ServiceRun(name, free_port(), free_port(), log_dir / f"{name}-{k}.log", replica=k)
+                for k in range(1, replicas)
+            ]
+            for name in SERVICES
+        }
         self.overrides = dict(overrides or {})
         self._channels: dict[ServiceName, grpc.aio.Channel] = {}
+        self._replica_channels: dict[tuple[ServiceName, int], grpc.aio.Channel] = {}
         self._pool: Pool | None = None
         self._nats_killed = False
 
@@ -262,6 +285,30 @@ class ProcessStack:
         env.update(self.overrides)
         return env
 
+    def env_of(self, run: ServiceRun) -> dict[str, str]:
+        """The environment of one process: :attr:`env`, with a further replica's own
+        ports and, as targets, the same replica of the services it calls."""
+        env = self.env
+        if run.replica == 0:
+            return env
+        prefix = f"OMNI_{run.name.upper()}"
+        env[f"{prefix}_GRPC_PORT"] = str(run.grpc_port)
+        env[f"{prefix}_METRICS_PORT"] = str(run.metrics_port)
+        for callee in ("ledger", "reservation"):
+            variable = f"OMNI_{callee.upper()}_TARGET"
+            if variable not in self.overrides:
+                env[variable] = self.replicas_of(callee)[run.replica].address
+        return env
+
+    def replicas_of(self, name: ServiceName) -> list[ServiceRun]:
+        """Every process of a service, the first one first."""
+        return [self.services[name], *self.extra_replicas[name]]
+
+    @property
+    def runs(self) -> list[ServiceRun]:
+        """Every process of every service."""
+        return [run for name in SERVICES for run in self.replicas_of(name)]
+
     @property
     def settings(self) -> Settings:
         """Settings a client of the stack reads (``grpc_target`` finds every service).
@@ -289,12 +336,15 @@ class ProcessStack:
     async def start(self, within: float = 60.0) -> None:
         """Start every service and wait until each one serves."""
         _ACTIVE.append(self)
-        for name in SERVICES:
-            self._spawn(name)
+        for run in self.runs:
+            self._spawn_run(run)
         await self.wait_serving(within=within)
 
     def _spawn(self, name: ServiceName) -> None:
-        run = self.services[name]
+        self._spawn_run(self.services[name])
+
+    def _spawn_run(self, run: ServiceRun) -> None:
+        name = run.name
         run.starts += 1
         stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
         with run.log_path.open("ab") as log:
@@ -302,18 +352,20 @@ class ProcessStack:
             log.flush()
             run.process = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}"],
-                env=self.env,
+                env=self.env_of(run),
                 cwd=REPO_ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
 
     async def wait_serving(self, *names: ServiceName, within: float = 60.0) -> None:
-        """Wait until the named services (every service by default) report SERVING."""
-        await asyncio.gather(*(self._wait_one(name, within) for name in names or SERVICES))
+        """Wait until the named services (every process of every service by default)
+        report SERVING."""
+        runs = [self.services[name] for name in names] if names else self.runs
+        await asyncio.gather(*(self._wait_run(run, within) for run in runs))
 
-    async def _wait_one(self, name: ServiceName, within: float) -> None:
-        run = self.services[name]
+    async def _wait_run(self, run: ServiceRun, within: float) -> None:
+        name = run.name if run.replica == 0 else f"{run.name} replica {run.replica}"
         deadline = time.monotonic() + within
         async with client_channels(self.settings).open(run.address) as channel:
             check = health_check(channel)
@@ -353,7 +405,9 @@ class ProcessStack:
         await self.wait_serving(name, within=within)
 
     async def _terminate(self, name: ServiceName, grace: float = 20.0) -> None:
-        run = self.services[name]
+        await self._terminate_run(self.services[name], grace)
+
+    async def _terminate_run(self, run: ServiceRun, grace: float = 20.0) -> None:
         process = run.process
         if process is None or process.poll() is not None:
             return
@@ -384,14 +438,24 @@ class ProcessStack:
             self._spawn(name)
         if dead:
             await self.wait_serving(*dead)
+        dead_replicas = [
+            run for runs in self.extra_replicas.values() for run in runs if not run.running
+        ]
+        for run in dead_replicas:
+            self._spawn_run(run)
+        await asyncio.gather(*(self._wait_run(run, 60.0) for run in dead_replicas))
 
     async def stop(self) -> None:
         """Stop every service gracefully (SIGKILL after 20 s), then what the stack owns."""
         try:
             await asyncio.gather(*(self._terminate(name) for name in reversed(SERVICES)))
-            for channel in self._channels.values():
+            await asyncio.gather(
+                *(self._terminate_run(run) for runs in self.extra_replicas.values() for run in runs)
+            )
+            for channel in [*self._channels.values(), *self._replica_channels.values()]:
                 await channel.close()
             self._channels.clear()
+            self._replica_channels.clear()
             if self._pool is not None:
                 await self._pool.close()
                 self._pool = None
@@ -410,6 +474,45 @@ class ProcessStack:
                 self.services[name].address, options=CHANNEL_OPTIONS
             )
         return self._channels[name]
+
+    def replica_channel(self, name: ServiceName, replica: int) -> grpc.aio.Channel:
+        """A long-lived channel to one process of a service (0 is :meth:`channel`)."""
+        if replica == 0:
+            return self.channel(name)
+        key = (name, replica)
+        if key not in self._replica_channels:
+            self._replica_channels[key] = grpc.aio.insecure_channel(
+                self.replicas_of(name)[replica].address, options=CHANNEL_OPTIONS
+            )
+        return self._replica_channels[key]
+
+    def ledger_replica(self, replica: int) -> LedgerStub:
+        """A typed stub of one process of the stock ledger."""
+        stub: LedgerStub = ledger_grpc.StockLedgerServiceStub(
+            self.replica_channel("ledger", replica)
+        )
+        return stub
+
+    def reservations_replica(self, replica: int) -> ReservationStub:
+        """A typed stub of one process of the reservation service."""
+        stub: ReservationStub = reservation_grpc.ReservationServiceStub(
+            self.replica_channel("reservation", replica)
+        )
+        return stub
+
+    def routing_replica(self, replica: int) -> RoutingStub:
+        """A typed stub of one process of order routing."""
+        stub: RoutingStub = routing_grpc.OrderRoutingServiceStub(
+            self.replica_channel("routing", replica)
+        )
+        return stub
+
+    def fulfilment_replica(self, replica: int) -> FulfilmentStub:
+        """A typed stub of one process of the fulfilment service."""
+        stub: FulfilmentStub = fulfilment_grpc.FulfilmentServiceStub(
+            self.replica_channel("fulfilment", replica)
+        )
+        return stub
 
     @property
     def ledger(self) -> LedgerStub:
@@ -450,14 +553,10 @@ class ProcessStack:
     def failure_sections(self, lines: int = 60) -> list[tuple[str, str]]:
         """(title, text) sections for a failing test's report: every process's log tail."""
         sections = []
-        for run in self.services.values():
+        for run in self.runs:
             state = "running" if run.running else "NOT running"
-            sections.append(
-                (
-                    f"{run.name} ({state}, {run.log_path})",
-                    self.log_tail(run.name, lines),
-                )
-            )
+            title = run.name if run.replica == 0 else f"{run.name} replica {run.replica}"
+            sections.append((f"{title} ({state}, {run.log_path})", _tail(run.log_path, lines)))
         sections.append((f"nats-server ({self.nats.log_file})", _tail(self.nats.log_file, 20)))
         return sections
 
@@ -486,6 +585,7 @@ class Place:
     ship_from_store: bool = True
     click_and_collect: bool = True
     accepts_returns: bool = True
+    daily_capacity: int = 0  # orders a day routing may give it; 0 is no limit
 
 
 @dataclass
@@ -540,6 +640,7 @@ class ScenarioNetwork:
                         ship_from_store=place.ship_from_store,
                         click_and_collect=store and place.click_and_collect,
                         accepts_returns=place.accepts_returns,
+                        daily_capacity=place.daily_capacity,
                     ),
                 )
             )
@@ -1112,12 +1213,17 @@ def check_overrides(overrides: Mapping[str, object]) -> dict[str, str]:
 
 @asynccontextmanager
 async def open_process_stack(
-    servers: EmbeddedStack, log_dir: Path, overrides: Mapping[str, object] | None = None
+    servers: EmbeddedStack,
+    log_dir: Path,
+    overrides: Mapping[str, object] | None = None,
+    *,
+    replicas: int = 1,
 ) -> AsyncIterator[ProcessStack]:
     """A process stack of its own: a fresh database on ``servers``' PostgreSQL and a
     nats-server of its own (streams cannot be shared between two sets of services),
     prepared like ``omni dev run`` prepares them, with ``overrides`` on the test
-    timings. Stopped, with its nats-server, on exit."""
+    timings and ``replicas`` processes of every service. Stopped, with its
+    nats-server, on exit."""
     database_url = await fresh_database(servers.database_url)
     nats = EmbeddedNats(log_dir / "nats" / "jetstream", free_port(), free_port())
     await asyncio.to_thread(nats.start)
@@ -1127,6 +1233,7 @@ async def open_process_stack(
         log_dir=log_dir,
         overrides=check_overrides(overrides or {}),
         owns_nats=True,
+        replicas=replicas,
     )
     try:
         await prepare_all(database_url, nats.url)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from omnistock.errors import ResourceExhausted
 from services.reservation.domain import Figure
 from services.reservation.watch import AvailabilityHub, Subscription
 
@@ -360,3 +363,45 @@ def test_a_subscription_can_be_built_on_its_own() -> None:
     assert watcher.waited(7.5) == 2.5
     watcher.take()
     assert watcher.waited(100.0) == 0.0
+
+
+# -- streams per client ---------------------------------------------------------------
+
+
+def test_a_client_holding_its_limit_of_streams_is_refused_until_it_closes_one() -> None:
+    hub_ = AvailabilityHub(max_lag=5.0, max_per_client=2)
+    first = hub_.subscribe("web", ["SKU-1"], ["store-a"], client="ipv4:10.0.0.1:5000")
+    hub_.subscribe("web", ["SKU-2"], ["store-a"], client="ipv4:10.0.0.1:5000")
+    with pytest.raises(ResourceExhausted) as refused:
+        hub_.subscribe("web", ["SKU-3"], ["store-a"], client="ipv4:10.0.0.1:5000")
+    assert refused.value.reason == "TOO_MANY_WATCHES"
+    assert "(2)" in refused.value.message
+    assert refused.value.metadata == {"open_streams": "2", "limit": "2"}
+    assert hub_.subscriber_count == 2  # the refused one holds nothing
+
+    # Another client, and calls that name no client, are not counted against it.
+    hub_.subscribe("web", ["SKU-1"], ["store-a"], client="ipv4:10.0.0.2:6000")
+    hub_.subscribe("web", ["SKU-1"], ["store-a"])
+    assert hub_.streams_of("ipv4:10.0.0.2:6000") == 1
+
+    hub_.unsubscribe(first)
+    hub_.unsubscribe(first)  # twice: counted back once
+    assert hub_.streams_of("ipv4:10.0.0.1:5000") == 1
+    hub_.subscribe("web", ["SKU-3"], ["store-a"], client="ipv4:10.0.0.1:5000")
+    with pytest.raises(ResourceExhausted):
+        hub_.subscribe("web", ["SKU-4"], ["store-a"], client="ipv4:10.0.0.1:5000")
+
+
+def test_a_dropped_slow_reader_gives_its_clients_place_back() -> None:
+    clock = FakeClock()
+    hub_ = AvailabilityHub(max_lag=1.0, clock=clock, max_per_client=1)
+    slow = hub_.subscribe("web", ["SKU-1"], ["store-a"], client="peer-1")
+    hub_.publish([figure("SKU-1", "store-a", 1)])
+    clock.advance(2.0)
+    assert hub_.drop_lagging() == 1 and slow.fell_behind
+    assert hub_.streams_of("peer-1") == 0
+    again = hub_.subscribe("web", ["SKU-1"], ["store-a"], client="peer-1")
+    hub_.unsubscribe(slow)  # the old stream's own clean-up frees nothing twice
+    assert hub_.streams_of("peer-1") == 1
+    hub_.unsubscribe(again)
+    assert hub_.streams_of("peer-1") == 0
