@@ -223,6 +223,7 @@ async def start_service(
         port=settings.grpc_port(spec.name) if grpc_port is None else grpc_port,
         verifier=verifier,
         credentials=credentials,
+        max_message_bytes=settings.grpc_max_message_bytes,
     )
     endpoint = None
     if serve_metrics_endpoint:

@@ -8,7 +8,7 @@ from omni.reservation.v1 import reservation_service_pb2 as pb
 from omni.reservation.v1 import reservation_service_pb2_grpc as pb_grpc
 from omni.reservation.v1 import resources_pb2
 from omnistock import wire
-from omnistock.auth.policy import authorize, scoped
+from omnistock.auth.policy import authorize, current_subject, scoped
 from omnistock.errors import Aborted
 from omnistock.grpc import Context
 from omnistock.grpc.server import ServiceBinding
@@ -103,7 +103,9 @@ class ReservationServicer(pb_grpc.ReservationServiceServicer):
         check_availability_request(request.channel, skus, locations)
         # Subscribe before reading the snapshot: a change committed in between
         # is queued, and dropped at sending if the snapshot already had it.
-        subscription = self._hub.subscribe(request.channel, skus, locations)
+        # Streams are counted per client: the token's subject, or the peer's address.
+        client = current_subject() or context.peer()
+        subscription = self._hub.subscribe(request.channel, skus, locations, client=client)
         try:
             snapshot = await self._read(request.channel, skus, locations)
             subscription.mark_sent(snapshot)

@@ -481,7 +481,7 @@ class ProcessStack:
             return self.channel(name)
         key = (name, replica)
         if key not in self._replica_channels:
-            self._replica_channels[key] = grpc.aio.insecure_channel(
+            self._replica_channels[key] = client_channels(self.settings).open(
                 self.replicas_of(name)[replica].address, options=CHANNEL_OPTIONS
             )
         return self._replica_channels[key]

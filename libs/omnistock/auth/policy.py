@@ -159,6 +159,12 @@ def current_caller() -> Caller:
     return caller
 
 
+def current_subject() -> str | None:
+    """Who is calling (the token's subject), or None when no caller is bound."""
+    caller = _caller.get()
+    return caller.principal.subject if caller is not None else None
+
+
 def record_denial(method: str, code: str, reason: str, subject: str, message: str) -> None:
     """Count and log a refused call: who, what, why; never the token."""
     service, _, rpc = method.lstrip("/").partition("/")

@@ -25,6 +25,7 @@ from omnistock.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
 )
 
@@ -35,6 +36,11 @@ D = TypeVar("D", bound=Message)
 # within a byte budget and count the rest.
 MAX_FIELD_VIOLATIONS = 50
 MAX_DETAIL_BYTES = 6 * 1024
+# Whatever a message or a detail quotes of the client's input, it is cut to these
+# lengths: a huge quoted value would not fit in the metadata at all, and the
+# client would see RESOURCE_EXHAUSTED from gRPC instead of the real error.
+MAX_MESSAGE_CHARS = 512
+MAX_DETAIL_CHARS = 256
 
 _CODES: list[tuple[type[DomainError], int]] = [
     (InvalidArgument, code_pb2.INVALID_ARGUMENT),
@@ -44,7 +50,12 @@ _CODES: list[tuple[type[DomainError], int]] = [
     (PermissionDenied, code_pb2.PERMISSION_DENIED),
     (Aborted, code_pb2.ABORTED),
     (Unauthenticated, code_pb2.UNAUTHENTICATED),
+    (ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
 ]
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def to_status(error: DomainError) -> grpc.Status:
@@ -64,7 +75,8 @@ def to_status(error: DomainError) -> grpc.Status:
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
+                        field=_cut(v.field, MAX_DETAIL_CHARS),
+                        description=_cut(v.description, MAX_DETAIL_CHARS),
                     )
                     for v in _within_budget(error)
                 ]
@@ -72,7 +84,9 @@ def to_status(error: DomainError) -> grpc.Status:
         )
         details.append(bad_request)
     status: grpc.Status = rpc_status.to_status(
-        status_pb2.Status(code=code, message=error.message, details=details)
+        status_pb2.Status(
+            code=code, message=_cut(error.message, MAX_MESSAGE_CHARS), details=details
+        )
     )
     return status
 
@@ -81,7 +95,8 @@ def _within_budget(error: InvalidArgument) -> list[FieldViolation]:
     shown: list[FieldViolation] = []
     size = len(error.message.encode())
     for violation in error.violations[:MAX_FIELD_VIOLATIONS]:
-        size += len(violation.field.encode()) + len(violation.description.encode()) + 8
+        size += min(len(violation.field.encode()), MAX_DETAIL_CHARS * 4) + 8
+        size += min(len(violation.description.encode()), MAX_DETAIL_CHARS * 4)
         if shown and size > MAX_DETAIL_BYTES:
             break
         shown.append(violation)
@@ -89,7 +104,7 @@ def _within_budget(error: InvalidArgument) -> list[FieldViolation]:
 
 
 def _metadata(error: DomainError) -> dict[str, str]:
-    metadata = dict(error.metadata)
+    metadata = {key: _cut(value, MAX_DETAIL_CHARS) for key, value in error.metadata.items()}
     if isinstance(error, InvalidArgument):
         shown = len(_within_budget(error))
         if shown < len(error.violations):

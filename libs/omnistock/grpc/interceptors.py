@@ -1,8 +1,10 @@
-"""Server interceptors: metrics, correlation-scoped logs, and error mapping.
+"""Server interceptors: metrics, correlation-scoped logs, error mapping, request parsing.
 
 Order (outermost first): metrics see the final status code of every call;
 correlation binds the caller's ``x-correlation-id`` (or a new one) for logs and
-events; errors turn domain exceptions into rich statuses in one place.
+events; authentication (omnistock.grpc.auth) checks the token; errors turn
+domain exceptions into rich statuses in one place; innermost, each request is
+parsed, so bytes that are no request are a clear INVALID_ARGUMENT.
 Streaming responses are wrapped, never awaited whole.
 """
 
@@ -10,15 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_interceptor.server import AsyncServerInterceptor
 
 from omnistock import metrics
-from omnistock.errors import DomainError
+from omnistock.errors import DomainError, FieldViolation, InvalidArgument
 from omnistock.grpc import Context
 from omnistock.grpc.errors import internal_status, to_status
 from omnistock.logs import CORRELATION_HEADER, correlation_scope, get_logger
@@ -183,3 +186,58 @@ async def _mapped_errors(context: Context, method_name: str) -> AsyncIterator[No
     except Exception:
         log.exception("grpc.unexpected_error", method=method_name)
         await context.abort_with_status(internal_status())
+
+
+class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
+    """Parses each request inside the interceptor chain, so bytes that are not the
+    method's request message are INVALID_ARGUMENT (reason MALFORMED_REQUEST)
+    through the error mapping and the metrics, not grpc.aio's UNKNOWN
+    ("Unexpected <class 'DecodeError'>"). Innermost: the others see it fail."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        found = await continuation(handler_call_details)
+        if found is None or found.request_streaming or found.request_deserializer is None:
+            return found  # client streams (reflection) keep gRPC's own parsing
+        # The aio handler's behaviours are coroutines; the stubs type the sync ones.
+        handler: Any = found
+        decode = handler.request_deserializer
+        method: str = handler_call_details.method
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await unary(_decoded(decode, raw, method), context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, response_serializer=handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            async def unary_stream(
+                raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                async for item in stream(_decoded(decode, raw, method), context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, response_serializer=handler.response_serializer
+            )
+        return found
+
+
+def _decoded(decode: Callable[[bytes], Any], raw: bytes, method: str) -> Any:
+    try:
+        return decode(raw)
+    except DecodeError as error:
+        name = method.rsplit("/", 1)[-1]
+        raise InvalidArgument(
+            [FieldViolation("(request)", f"is not a valid {name} request: {error}")],
+            reason="MALFORMED_REQUEST",
+        ) from None

@@ -19,7 +19,12 @@ from grpc_reflection.v1alpha import reflection
 
 from omnistock.auth.tokens import TokenVerifier
 from omnistock.grpc.auth import AuthInterceptor
-from omnistock.grpc.interceptors import CorrelationInterceptor, ErrorInterceptor, MetricsInterceptor
+from omnistock.grpc.interceptors import (
+    CorrelationInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+    RequestDecodingInterceptor,
+)
 from omnistock.logs import get_logger
 from omnistock.settings import Settings
 
@@ -97,11 +102,13 @@ async def start_grpc_server(
     port: int,
     verifier: TokenVerifier | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    max_message_bytes: int = 4 * 1024 * 1024,
 ) -> GrpcServer:
     """Start a server for ``bindings`` on ``host:port`` (0 picks a free port).
 
     ``verifier`` checks every call's bearer token (None: authentication off);
-    ``credentials`` serve TLS (None: plaintext).
+    ``credentials`` serve TLS (None: plaintext); a message larger than
+    ``max_message_bytes`` either way is RESOURCE_EXHAUSTED before any handler runs.
     """
     server = grpc.aio.server(
         interceptors=[
@@ -109,8 +116,15 @@ async def start_grpc_server(
             CorrelationInterceptor(),
             AuthInterceptor(verifier),
             ErrorInterceptor(),
+            # Innermost, so the error mapping and the metrics see a request that
+            # does not parse as INVALID_ARGUMENT (not gRPC's own UNKNOWN).
+            RequestDecodingInterceptor(),
         ],
-        options=[("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
     )
     for binding in bindings:
         binding.register(binding.servicer, server)
