@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from omnistock.auth.dev import DevAuth
+from omnistock.auth.dev import DevAuth, write_private
 from omnistock.auth.tokens import Role
 from omnistock.bootstrap import provision_streams
 from omnistock.db import create_pool
@@ -166,8 +166,8 @@ def dev_tokens(dev_auth: DevAuth) -> dict[str, str]:
 def _print_dev_tokens(dev_auth: DevAuth) -> None:
     tokens = dev_tokens(dev_auth)
     script = dev_auth.folder / "tokens.env"
-    script.write_text("".join(f"export {name}={token}\n" for name, token in tokens.items()))
-    script.chmod(0o600)
+    lines = "".join(f"export {name}={token}\n" for name, token in tokens.items())
+    write_private(script, lines.encode())
     typer.echo("\n  Development tokens (valid 7 days; `omni auth token` mints others):")
     for name, token in tokens.items():
         typer.echo(f"  {name}={token}")

@@ -75,6 +75,10 @@ class Aborted(DomainError):
     """A concurrency conflict the caller may resolve by retrying."""
 
 
+class Unavailable(DomainError):
+    """Something the call needs is briefly out of reach; the caller may retry."""
+
+
 class ResourceExhausted(DomainError):
     """The caller holds as much of a limited resource as it may (e.g. open streams)."""
 

@@ -39,6 +39,10 @@ DEFAULT_METRICS_PORTS: dict[str, int] = {
 }
 
 
+# Addresses only this machine can reach: the one place authentication may be off.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
 class Settings(BaseSettings):
     """Runtime configuration of an Omnistock process."""
 
@@ -164,6 +168,9 @@ class Settings(BaseSettings):
     # verified with, the issuer and audience they must name, and the token this
     # process presents when it calls another service. Without a JWKS in
     # development, calls are not authenticated (a warning is logged).
+    # Run without tokens on a non-loopback address (a trusted network: the compose
+    # demo). Never in production, which needs the JWKS anyway.
+    auth_disabled: bool = False
     auth_jwks_file: Path | None = None
     auth_issuer: str = "omnistock"
     auth_audience: str = "omnistock"
@@ -220,6 +227,16 @@ class Settings(BaseSettings):
             problems.append(
                 "OMNI_TLS_CLIENT_AUTH=require needs OMNI_TLS_CERT_FILE, OMNI_TLS_KEY_FILE "
                 "and OMNI_TLS_CA_FILE (the CA client certificates are checked against)"
+            )
+        open_to_all = self.auth_jwks_file is None and self.grpc_host not in LOOPBACK_HOSTS
+        if open_to_all and not self.auth_disabled:
+            # Development without keys is open to every caller: only on this machine,
+            # unless the operator says so for a network they trust.
+            problems.append(
+                f"OMNI_AUTH_JWKS_FILE is not set and the services listen on {self.grpc_host}: "
+                "without keys authentication is off, which is allowed on a loopback "
+                "address only (set the JWKS, or OMNI_GRPC_HOST=127.0.0.1, or "
+                "OMNI_AUTH_DISABLED=true on a network only you can reach)"
             )
         if self.environment != "production":
             return problems

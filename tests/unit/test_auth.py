@@ -228,3 +228,27 @@ def test_production_refuses_development_defaults(tmp_path: Path) -> None:
     )
     assert [ready.startup_problems(s) for s in ("ledger", "routing", "fulfilment")] == [[], [], []]
     assert Settings().startup_problems("routing") == []
+
+
+def test_without_keys_authentication_is_off_on_a_loopback_address_only() -> None:
+    assert Settings(grpc_host="127.0.0.1").startup_problems("ledger") == []
+    (problem,) = Settings(grpc_host="0.0.0.0").startup_problems("ledger")
+    assert "OMNI_AUTH_JWKS_FILE" in problem and "0.0.0.0" in problem
+    assert Settings(grpc_host="0.0.0.0", auth_disabled=True).startup_problems("ledger") == []
+
+
+def test_a_key_set_that_breaks_while_running_keeps_the_keys_in_use(
+    tmp_path: Path, key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tokens, "RELOAD_CHECK_SECONDS", 0.0)
+    jwks = tmp_path / "jwks.json"
+    write_jwks(jwks, key)
+    verifier = TokenVerifier(jwks, issuer="omnistock", audience="omnistock")
+    jwks.write_text("{ half written")
+    os.utime(jwks, (time.time() + 1, time.time() + 1))
+    assert verifier.verify(mint(key)).role is Role.CHANNEL
+    jwks.unlink()
+    assert verifier.verify(mint(key)).role is Role.CHANNEL
+    # At start, a key set that cannot be read is an error, not a warning.
+    with pytest.raises(FileNotFoundError):
+        TokenVerifier(jwks, issuer="omnistock", audience="omnistock")

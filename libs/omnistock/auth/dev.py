@@ -18,9 +18,10 @@ from omnistock.auth.tokens import Role, SigningKey, jwks_document
 SERVICE_TOKEN_TTL_SECONDS = 30 * 24 * 3600.0
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Write a secret readable by its owner only."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that already existed keeps no wider mode
     with os.fdopen(fd, "wb") as file:
         file.write(data)
 
@@ -57,13 +58,13 @@ class DevAuth:
         else:
             key = SigningKey.generate()
             document = {"kid": key.kid, "pem": key.private_pem().decode()}
-            _write_private(key_file, json.dumps(document).encode())
+            write_private(key_file, json.dumps(document).encode())
         auth = cls(folder, key, issuer, audience)
         auth.jwks_file.write_text(json.dumps(jwks_document([key]), indent=2))
         token = auth.mint(
             Role.SERVICE, subject="omnistock-services", ttl_seconds=SERVICE_TOKEN_TTL_SECONDS
         )
-        _write_private(auth.service_token_file, token.encode())
+        write_private(auth.service_token_file, token.encode())
         return auth
 
     @classmethod

@@ -27,6 +27,10 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from omnistock.logs import get_logger
+
+log = get_logger(__name__)
+
 ALGORITHM = "ES256"
 DEFAULT_TTL_SECONDS = 3600.0
 # Verified tokens are remembered until they expire, so a busy client does not
@@ -120,8 +124,19 @@ class TokenVerifier:
         if not force and now - self._checked_at < RELOAD_CHECK_SECONDS:
             return
         self._checked_at = now
+        if force:
+            self._load()  # at start a bad key set is an error, not a warning
+            return
+        try:
+            self._load()
+        except (OSError, ValueError, jwt.PyJWKSetError) as error:
+            # A key set being rewritten or broken keeps the keys in use: no call
+            # fails for it, and no caller learns the file's path.
+            log.warning("auth.jwks_reload_failed", file=str(self.jwks_file), error=repr(error))
+
+    def _load(self) -> None:
         mtime = os.stat(self.jwks_file).st_mtime
-        if not force and mtime == self._loaded_mtime:
+        if mtime == self._loaded_mtime:
             return
         document = json.loads(self.jwks_file.read_text())
         keys = jwt.PyJWKSet.from_dict(document)
@@ -166,8 +181,10 @@ class TokenVerifier:
         try:
             key = self._keys[str(kid)]
         except KeyError:
+            shown = str(kid)[:64]  # the caller chose it: never echo it whole
             raise TokenError(
-                "unknown_key", f"The token is signed with a key this service does not know ({kid})."
+                "unknown_key",
+                f"The token is signed with a key this service does not know ({shown}).",
             ) from None
         try:
             claims = jwt.decode(

@@ -19,9 +19,12 @@ from grpc_interceptor.server import AsyncServerInterceptor
 
 from omnistock.auth.policy import caller_scope, is_open, record_denial, rule_for
 from omnistock.auth.tokens import Principal, Role, TokenError, TokenVerifier
-from omnistock.errors import DomainError, PermissionDenied, Unauthenticated
+from omnistock.errors import DomainError, PermissionDenied, Unauthenticated, Unavailable
 from omnistock.grpc import Context
 from omnistock.grpc.errors import to_status
+from omnistock.logs import get_logger
+
+log = get_logger(__name__)
 
 AUTHORIZATION_HEADER = "authorization"
 # With authentication off (development without a JWKS) every call runs as this.
@@ -81,6 +84,11 @@ class AuthInterceptor(AsyncServerInterceptor):
             principal = self._verifier.verify(token.strip())
         except TokenError as error:
             raise _unauthenticated(method_name, error.reason, error.message) from None
+        except Exception as error:  # the verifier broke, not the token: tell nobody why
+            log.error("auth.verifier_failed", method=method_name, error=repr(error))
+            raise Unavailable(
+                "AUTH_UNAVAILABLE", "Tokens cannot be checked right now; retry shortly."
+            ) from None
         if principal.role not in rule_for(method_name):
             message = f"The {principal.role.value} role may not call {method_name}."
             record_denial(

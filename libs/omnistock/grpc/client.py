@@ -105,6 +105,11 @@ class ChannelFactory:
             root_certificates=_read(settings.tls_ca_file),
             certificate_chain=_read(settings.tls_cert_file),
             private_key=_read(settings.tls_key_file),
+            # The servers' message size limit holds for their clients too.
+            options=(
+                ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+                ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+            ),
         )
 
     def with_token(self, token: str | None) -> ChannelFactory:

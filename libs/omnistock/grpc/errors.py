@@ -27,6 +27,7 @@ from omnistock.errors import (
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 
 D = TypeVar("D", bound=Message)
@@ -51,6 +52,7 @@ _CODES: list[tuple[type[DomainError], int]] = [
     (Aborted, code_pb2.ABORTED),
     (Unauthenticated, code_pb2.UNAUTHENTICATED),
     (ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
+    (Unavailable, code_pb2.UNAVAILABLE),
 ]
 
 
