@@ -30,7 +30,6 @@ awaited with a timeout, and a failure names the step and what did not happen.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -62,6 +61,7 @@ from omni.routing.v1 import resources_pb2 as routing_res
 from omni.routing.v1 import routing_service_pb2 as routing_pb
 from omni.routing.v1 import routing_service_pb2_grpc as routing_grpc
 from omnistock.devstack.stack import embedded_database_url
+from omnistock.geo import haversine_km
 from omnistock.grpc.client import ChannelFactory
 from omnistock.messaging.envelope import unpack
 from omnistock.nats_client import connect_options
@@ -211,16 +211,6 @@ async def _connected(config: JourneyConfig) -> AsyncIterator[_Clients]:
             )
     finally:
         await client.close()
-
-
-def _km(a: types_pb2.GeoPoint, b: types_pb2.GeoPoint) -> float:
-    """Great-circle distance in kilometres."""
-    lat1, lon1, lat2, lon2 = map(math.radians, (a.latitude, a.longitude, b.latitude, b.longitude))
-    h = (
-        math.sin((lat2 - lat1) / 2) ** 2
-        + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
-    )
-    return 2 * 6371.0 * math.asin(math.sqrt(h))
 
 
 def _when(stamp: Timestamp) -> str:
@@ -924,11 +914,11 @@ class Journey:
         ]
         if not stocked:
             raise self.fail("no store that ships has the jacket")
-        nearest = min(stocked, key=lambda loc: _km(self.locations[loc].position, address))
+        nearest = min(stocked, key=lambda loc: haversine_km(self.locations[loc].position, address))
         self.answer(
             "reservation",
             f"nearest store with it: {self.name(nearest)} "
-            f"({_km(self.locations[nearest].position, address):.0f} km)",
+            f"({haversine_km(self.locations[nearest].position, address):.0f} km)",
         )
         order_id = f"order-{self.tag}-gift"
         routed = await self.c.routing.RouteOrder(
@@ -976,7 +966,7 @@ class Journey:
         ]
         if not stores:
             raise self.fail("no other store that takes returns carries the jacket")
-        store = min(stores, key=lambda loc: _km(loc.position, address)).location_id
+        store = min(stores, key=lambda loc: haversine_km(loc.position, address)).location_id
         before = await self.on_hand(store)
         return_id = f"return-{self.tag}"
         routed = await self.c.routing.RouteReturn(

@@ -14,6 +14,7 @@ from datetime import datetime
 from enum import Enum
 
 from omnistock.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from omnistock.geo import haversine_km
 from omnistock.validation import check_count, check_id, check_reason, check_text, shown
 from services.routing.planner import (
     FulfilmentType,
@@ -23,7 +24,6 @@ from services.routing.planner import (
     Need,
     Rules,
     SourceKind,
-    haversine_km,
 )
 
 MAX_LINES = 100

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from omni.routing.v1 import resources_pb2
 from omni.routing.v1 import routing_service_pb2 as pb
 from omni.routing.v1 import routing_service_pb2_grpc as pb_grpc
 from omnistock.auth.policy import authorize, current_caller, scoped
@@ -39,7 +38,7 @@ class OrderRoutingServicer(pb_grpc.OrderRoutingServiceServicer):
         self, request: pb.CancelOrderRequest, context: Context
     ) -> pb.CancelOrderResponse:
         if scoped():
-            authorize(channel=(await self._order(request.order_id)).channel)
+            authorize(channel=(await self._handlers.get_order(request.order_id)).channel)
         order = await self._handlers.cancel_order(
             request.request_id,
             request.order_id,
@@ -54,12 +53,9 @@ class OrderRoutingServicer(pb_grpc.OrderRoutingServiceServicer):
         # The customer's channel, or the store the goods are handed in at.
         channel = None
         if scoped() and current_caller().principal.role is Role.CHANNEL:
-            channel = (await self._order(request.order_id)).channel
+            channel = (await self._handlers.get_order(request.order_id)).channel
         authorize(channel=channel, locations=[request.location_id])
         return pb.RouteReturnResponse(order_return=await self._handlers.route_return(request))
-
-    async def _order(self, order_id: str) -> resources_pb2.Order:
-        return await self._handlers.get_order(order_id)
 
     async def GetRoutingRules(
         self, request: pb.GetRoutingRulesRequest, context: Context

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import Enum
 
-EARTH_RADIUS_KM = 6371.0088
+from omnistock.geo import haversine_km
+
 # A hard ceiling on search nodes; real orders finish far below it. A search that
 # reaches it keeps the best plan found so far and says so (``exhaustive``).
 NODE_BUDGET = 20_000
@@ -239,15 +240,6 @@ class Plan:
 
 
 # -- geometry and money ---------------------------------------------------------
-
-
-def haversine_km(a: GeoPoint, b: GeoPoint) -> float:
-    """Great-circle distance between two points, in kilometres."""
-    lat1, lat2 = math.radians(a.latitude), math.radians(b.latitude)
-    dlat = lat2 - lat1
-    dlon = math.radians(b.longitude - a.longitude)
-    h = math.sin(dlat / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin(dlon / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(h)))
 
 
 def money(cents: int) -> str:

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from omnistock.geo import haversine_km
 from services.routing.planner import (
     Candidate,
     FulfilmentType,
@@ -41,7 +42,6 @@ from services.routing.planner import (
     SourceKind,
     Suggestion,
     Verdict,
-    haversine_km,
     plan,
     solve,
 )

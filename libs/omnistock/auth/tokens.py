@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -114,7 +113,6 @@ class TokenVerifier:
     _loaded_mtime: float = field(default=-1.0, init=False, repr=False)
     _checked_at: float = field(default=-1e9, init=False, repr=False)
     _cache: dict[str, Principal] = field(default_factory=dict, init=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._reload_if_changed(force=True)
@@ -143,9 +141,9 @@ class TokenVerifier:
         for key in keys.keys:
             if not key.key_id:
                 raise ValueError(f"every key in {self.jwks_file} needs a kid")
-        with self._lock:
-            self._keys, self._loaded_mtime = keys, mtime
-            self._cache.clear()
+        # One event loop calls this (no await in between): no lock needed.
+        self._keys, self._loaded_mtime = keys, mtime
+        self._cache.clear()
 
     @property
     def key_ids(self) -> list[str]:
@@ -163,10 +161,9 @@ class TokenVerifier:
                 return cached
             self._cache.pop(token, None)
         principal = self._verify(token)
-        with self._lock:
-            if len(self._cache) >= CACHE_SIZE:
-                self._cache.clear()
-            self._cache[token] = principal
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.clear()
+        self._cache[token] = principal
         return principal
 
     def _verify(self, token: str) -> Principal:

@@ -45,7 +45,7 @@ class AuthInterceptor(AsyncServerInterceptor):
         method_name: str,
     ) -> Any:
         if is_open(method_name):
-            return await _call(method, request_or_iterator, context)
+            return await super().intercept(method, request_or_iterator, context, method_name)
         try:
             principal = self._authenticate(context, method_name)
         except DomainError as refused:
@@ -101,10 +101,3 @@ class AuthInterceptor(AsyncServerInterceptor):
 def _unauthenticated(method_name: str, reason: str, message: str) -> Unauthenticated:
     record_denial(method_name, "UNAUTHENTICATED", reason, "", message)
     return Unauthenticated(reason.upper(), message)
-
-
-async def _call(method: Callable[..., Any], request: Any, context: Context) -> Any:
-    response = method(request, context)
-    if hasattr(response, "__aiter__"):
-        return response
-    return await response
