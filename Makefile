@@ -10,7 +10,7 @@ PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen run demo test test-unit test-integration lint typecheck buf-lint deploy-check check bench audit clean distclean
+.PHONY: help install gen run demo system-tools test test-unit test-integration lint typecheck buf-lint deploy-check check bench audit clean distclean
 
 help: ## Show the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -44,13 +44,30 @@ run: gen ## Install, start embedded PostgreSQL + NATS (or use OMNI_DATABASE_URL 
 demo: gen ## Play the omnichannel journey against the stack `make run` started (in another terminal).
 	$(BIN)/omni demo journey
 
-test: gen ## Run the whole test suite (starts its own PostgreSQL and nats-server).
+# Programs the tests drive that no wheel provides: Debian's prometheus (promtool,
+# and a server the observability test scrapes) and chromium (the store desk's
+# browser tests, driven by Playwright). Installed with apt-get when missing and
+# run as root; otherwise the command to run is printed and the target fails.
+SYSTEM_TOOLS := promtool:prometheus prometheus:prometheus chromium:chromium
+
+system-tools: ## Install the Debian packages the tests drive (prometheus, chromium) when missing.
+	@missing=$$(for tool in $(SYSTEM_TOOLS); do command -v $${tool%%:*} >/dev/null || echo $${tool#*:}; done | sort -u | tr '\n' ' '); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing $$missing(Debian packages)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		else \
+			echo "missing programs: run  sudo apt-get install $$missing"; exit 1; \
+		fi; \
+	fi
+
+test: gen system-tools ## Run the whole test suite (starts its own PostgreSQL and nats-server).
 	$(BIN)/pytest
 
 test-unit: gen ## Run the unit tests only (no I/O).
 	$(BIN)/pytest tests/unit
 
-test-integration: gen ## Run the integration and end-to-end tests.
+test-integration: gen system-tools ## Run the integration and end-to-end tests.
 	$(BIN)/pytest tests/integration tests/e2e
 
 lint: gen ## Lint Python (ruff) and the SQL migrations (squawk).
@@ -68,8 +85,7 @@ buf-lint: $(STAMP) ## Lint the protobuf contract with buf (STANDARD + COMMENTS).
 # resources in deploy/k8s/postgres (CloudNativePG) and deploy/k8s/monitoring
 # (Prometheus Operator) have no schema it knows, so --strict would reject them;
 # tests/unit/test_deploy_manifests.py checks the fields of those the rest relies on.
-deploy-check: $(STAMP) ## Validate deploy/: Prometheus rules and their tests, compose, Kubernetes, YAML, Dockerfile.
-	@command -v promtool >/dev/null || { echo "promtool missing: apt-get install prometheus (Debian)"; exit 1; }
+deploy-check: $(STAMP) system-tools ## Validate deploy/: Prometheus rules and their tests, compose, Kubernetes, YAML, Dockerfile.
 	promtool check rules deploy/prometheus/rules.yml
 	promtool test rules deploy/prometheus/rules.test.yml
 	promtool check config deploy/prometheus/prometheus.yml
